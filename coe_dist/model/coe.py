@@ -1,0 +1,170 @@
+"""The Chain-of-Experts block (COE_SPEC "The block").
+
+    h_0 = u                                           (u: post-attention RMSNorm of the stream x)
+    for t in 1..C:
+        route h_{t-1} locally -> dispatch copies -> experts -> combine, weighted by g
+        h_t = routed + shared(h_{t-1}) + (h_{t-1} if inner_residual)
+    return h_C, aux                                   (the decoder layer adds x when outer_residual)
+
+Shape legend: B = batch, L = sequence, T = B*L tokens, D = hidden, K = experts per token, N = routed experts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from coe_dist.config import MoEConfig, validate_moe
+from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
+from coe_dist.model.router import Router, Routing, global_aux_loss, seq_aux_loss, z_loss
+from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
+
+
+def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
+    if config.ep_size == 1:
+        return LocalDispatcher(config.num_experts, config.capacity_factor, layer=layer)
+    from coe_dist.parallel.groups import expert_parallel_group
+
+    group = expert_parallel_group(config.ep_size, config.num_experts)
+    return AllToAllDispatcher(config.num_experts, group, config.capacity_factor, layer=layer)
+
+
+class CoELayer(nn.Module):
+    """C iterations of top-K-of-N routing with shared experts. `forward(u_BLD) -> (h_BLD, aux_loss)`.
+
+    With `config.ep_size = P > 1` (torch.distributed initialised) the layer holds only the experts of its
+    rank in the expert-parallel group and exchanges token copies by all-to-all at every iteration.
+    """
+
+    def __init__(self, config: MoEConfig, hidden_size: int, *, layer: int = 0, seed: int = 0,
+                 init_std: float = 0.02) -> None:
+        super().__init__()
+        validate_moe(config)
+        self.config = config
+        self.hidden_size = hidden_size
+        self.layer = layer
+        num_routers = config.iterations if config.independent_gating else 1
+        self.routers = nn.ModuleList(
+            Router(hidden_size, config.num_experts, config.top_k, norm_topk_prob=config.norm_topk_prob,
+                   routed_scaling_factor=config.routed_scaling_factor) for _ in range(num_routers))
+        self.dispatcher = _build_dispatcher(config, layer)
+        ep_rank = getattr(self.dispatcher, "ep_rank", 0)
+        self.num_local_experts = config.num_experts // config.ep_size
+        self.first_expert = ep_rank * self.num_local_experts
+        self.experts = GroupedExperts(self.num_local_experts, hidden_size, config.expert_hidden_size,
+                                      impl=config.expert_impl)
+        self.shared_experts = (SwiGLU(hidden_size, config.num_shared_experts * config.expert_hidden_size)
+                               if config.num_shared_experts else None)
+        self.reset_parameters(seed, init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, std: float) -> None:
+        """Normal(0, std) init. Each routed expert draws from a generator seeded by (seed, layer, global
+        expert id), so a model has the same weights whatever the expert-parallel layout."""
+        def normal_(t: torch.Tensor, *key: int) -> None:
+            digest = hashlib.sha256(repr((seed, self.layer) + key).encode()).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest[:6], "little"))
+            t.copy_(torch.randn(t.shape, generator=g) * std)
+
+        for t, router in enumerate(self.routers):
+            normal_(router.weight, 0, t)
+        for e in range(self.num_local_experts):
+            expert_id = self.first_expert + e
+            normal_(self.experts.w_gate_up_E2FD[e], 1, expert_id)
+            normal_(self.experts.w_down_EDF[e], 2, expert_id)
+        if self.shared_experts is not None:
+            for i, lin in enumerate(self.shared_experts.children()):
+                normal_(lin.weight, 3, i)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, u_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, D = u_BLD.shape
+        cfg = self.config
+        h_TD = u_BLD.reshape(B * L, D)
+        aux = h_TD.new_zeros((), dtype=torch.promote_types(h_TD.dtype, torch.float32))
+        for t in range(cfg.iterations):
+            router = self.routers[t if cfg.independent_gating else 0]
+            routing = router(h_TD)
+            aux = aux + self._router_loss(routing, B)
+            y_TD = self._routed_experts(h_TD, routing, t)
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(h_TD)
+            h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
+        return h_TD.view(B, L, D), aux
+
+    def _routed_experts(self, h_TD: torch.Tensor, routing: Routing, iteration: int) -> torch.Tensor:
+        """route -> permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum."""
+        x_XD, state = self.dispatcher.dispatch(h_TD, routing.experts_TK, iteration, _compute_dtype(h_TD))
+        y_XD = self.experts(x_XD, state.counts_E)
+        return self.dispatcher.combine(y_XD, state, routing.weights_TK)
+
+    def _router_loss(self, routing: Routing, batch: int) -> torch.Tensor:
+        cfg = self.config
+        loss = routing.probs_TN.new_zeros(())
+        if cfg.aux_loss_coef:
+            balance = (seq_aux_loss(routing, batch, cfg.num_experts) if cfg.aux_loss_type == "seq"
+                       else global_aux_loss(routing, cfg.num_experts))
+            loss = loss + cfg.aux_loss_coef * balance
+        if cfg.z_loss_coef:
+            loss = loss + cfg.z_loss_coef * z_loss(routing)
+        return loss
+
+    # ------------------------------------------------------------------ reference layout
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the reference `CoeMoE` names; with ep_size > 1 only this rank's experts."""
+        f = self.config.expert_hidden_size
+        sd: dict[str, torch.Tensor] = {}
+        if self.config.independent_gating:
+            for t, router in enumerate(self.routers):
+                sd[f"gate.{t}.weight"] = router.weight.detach().clone()
+        else:
+            sd["gate.weight"] = self.routers[0].weight.detach().clone()
+        for e in range(self.num_local_experts):
+            i = self.first_expert + e
+            w13 = self.experts.w_gate_up_E2FD[e].detach()
+            sd[f"experts.{i}.gate_proj.weight"] = w13[:f].clone()
+            sd[f"experts.{i}.up_proj.weight"] = w13[f:].clone()
+            sd[f"experts.{i}.down_proj.weight"] = self.experts.w_down_EDF[e].detach().clone()
+        if self.shared_experts is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                sd[f"shared_experts.{name}.weight"] = getattr(self.shared_experts, name).weight.detach().clone()
+        return sd
+
+    def _hf_targets(self) -> dict[str, torch.Tensor]:
+        """Reference name -> (destination parameter view) for the parameters this rank holds."""
+        f = self.config.expert_hidden_size
+        targets: dict[str, torch.Tensor] = {}
+        if self.config.independent_gating:
+            for t, router in enumerate(self.routers):
+                targets[f"gate.{t}.weight"] = router.weight
+        else:
+            targets["gate.weight"] = self.routers[0].weight
+        for e in range(self.num_local_experts):
+            i = self.first_expert + e
+            targets[f"experts.{i}.gate_proj.weight"] = self.experts.w_gate_up_E2FD[e, :f]
+            targets[f"experts.{i}.up_proj.weight"] = self.experts.w_gate_up_E2FD[e, f:]
+            targets[f"experts.{i}.down_proj.weight"] = self.experts.w_down_EDF[e]
+        if self.shared_experts is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                targets[f"shared_experts.{name}.weight"] = getattr(self.shared_experts, name).weight
+        return targets
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load reference-layout weights. A full dict is accepted with ep_size > 1: this rank keeps its
+        own experts. Missing or mis-shaped keys raise KeyError/ValueError naming the key."""
+        targets = self._hf_targets()
+        for name, dest in targets.items():
+            if name not in sd:
+                raise KeyError(f"reference state dict has no '{name}' (layer {self.layer}); "
+                               f"expected keys like {sorted(targets)[:3]}")
+            src = sd[name]
+            if tuple(src.shape) != tuple(dest.shape):
+                raise ValueError(f"reference state dict key '{name}' has shape {list(src.shape)}, "
+                                 f"expected {list(dest.shape)} for this config")
+        for name, dest in targets.items():
+            dest.copy_(sd[name])

@@ -1,0 +1,142 @@
+"""Decoder-only language model with CoE blocks (DeepSeek-V2 style, as in the CoE paper).
+
+    tokens -> embed -> [ x += Attn(RMSNorm(x));  x = CoE(RMSNorm(x)) (+ x if outer_residual) ] x layers
+           -> RMSNorm -> untied LM head -> cross-entropy + sum of router losses
+
+The first `first_k_dense` layers use a dense SwiGLU FFN with the usual residual instead of the CoE block.
+Shape legend: B = batch, L = sequence, D = hidden, H = heads, Dh = head size, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coe_dist.config import ModelConfig, MoEConfig
+from coe_dist.model.coe import CoELayer
+from coe_dist.model.experts import SwiGLU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (or wider) whatever the autocast dtype: the CoE chain runs on this output.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles_LF = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles_LF.cos().float(), angles_LF.sin().float()
+
+
+def apply_rope(x_BHLDh: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :Dh/2], x[..., Dh/2:]) (the rotate-half convention of LLaMA/DeepSeek)."""
+    L = x_BHLDh.shape[-2]
+    cos, sin = cos_LF[:L].to(x_BHLDh.dtype), sin_LF[:L].to(x_BHLDh.dtype)
+    x1, x2 = x_BHLDh.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        q, k, v = self.qkv_proj(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
+        q = apply_rope(q, self.rope_cos, self.rope_sin)
+        k = apply_rope(k, self.rope_cos, self.rope_sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, layer: int, seed: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.dense = layer < cfg.first_k_dense
+        self.outer_residual = moe.outer_residual
+        if self.dense:
+            self.ffn: nn.Module = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+        else:
+            self.ffn = CoELayer(moe, cfg.hidden_size, layer=layer, seed=seed, init_std=cfg.init_std)
+
+    def forward(self, x_BLD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD))
+        u_BLD = self.ffn_norm(x_BLD)
+        if self.dense:
+            return x_BLD + self.ffn(u_BLD), None
+        h_BLD, aux = self.ffn(u_BLD)
+        # COE_SPEC default: no outer residual, the chain's inner residual carries u.
+        return (h_BLD + x_BLD if self.outer_residual else h_BLD), aux
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor  # lm_loss + aux_loss: what backward runs on
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    logits: torch.Tensor
+
+
+class CoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, *, seed: int = 0) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, moe, i, seed) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._init_dense(seed)
+
+    @torch.no_grad()
+    def _init_dense(self, seed: int) -> None:
+        """Normal(0, init_std) for every dense matrix, from one generator: identical on all ranks.
+        CoE layers initialise themselves (per global expert id)."""
+        g = torch.Generator().manual_seed(seed)
+        coe_params = {id(p) for layer in self.coe_layers() for p in layer.parameters()}
+        for name, p in self.named_parameters():
+            if id(p) in coe_params or p.dim() < 2:
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * self.config.init_std)
+
+    def coe_layers(self) -> list[CoELayer]:
+        return [m for m in self.modules() if isinstance(m, CoELayer)]
+
+    def forward(self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> LMOutput:
+        x_BLD = self.embed(tokens_BL)
+        aux = x_BLD.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x_BLD, layer_aux = layer(x_BLD)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+        logits_BLV = self.lm_head(self.norm(x_BLD))
+        if targets_BL is None:
+            zero = aux.new_zeros(())
+            return LMOutput(zero, zero, aux, logits_BLV)
+        lm_loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), targets_BL.flatten())
+        return LMOutput(lm_loss + aux, lm_loss, aux, logits_BLV)
+
+    def num_params(self) -> dict[str, int]:
+        expert = sum(layer.experts.w_gate_up_E2FD.numel() + layer.experts.w_down_EDF.numel()
+                     for layer in self.coe_layers())
+        total = sum(p.numel() for p in self.parameters())
+        return {"total_local": total, "expert_local": expert, "dense": total - expert}
