@@ -231,7 +231,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist: pass an existing YAML, e.g. configs/tiny.yaml")
+            raise ConfigError(f"config file {str(path)!r} does not exist: "
+                              "pass an existing YAML, e.g. configs/tiny.yaml")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

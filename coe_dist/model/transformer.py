@@ -113,7 +113,7 @@ class CoETransformer(nn.Module):
         CoE layers initialise themselves (per global expert id)."""
         g = torch.Generator().manual_seed(seed)
         coe_params = {id(p) for layer in self.coe_layers() for p in layer.parameters()}
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if id(p) in coe_params or p.dim() < 2:
                 continue
             p.copy_(torch.randn(p.shape, generator=g) * self.config.init_std)

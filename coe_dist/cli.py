@@ -1,0 +1,107 @@
+"""`coe-dist`: the command line.
+
+    coe-dist train --config configs/tiny.yaml [--set section.key=value ...] [--nproc P]
+    coe-dist preprocess --input FILES --tokenizer TOKENIZER --output PREFIX [--fields question,answer]
+
+Exit codes: 0 success, 1 runtime error (data, launch, I/O), 2 bad configuration or arguments.
+User errors print one line; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+
+from coe_dist.config import ConfigError, check_world, load_config
+from coe_dist.launcher import LaunchError
+
+EXIT_RUNTIME, EXIT_CONFIG = 1, 2
+
+
+class UserError(RuntimeError):
+    """A runtime problem the user can fix (missing file, bad data, bad launch): no traceback."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (e.g. configs/tiny.yaml); defaults apply to missing keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set train.steps=50 --set moe.ep_size=2 (repeatable)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        check_world(cfg, args.nproc)  # fail before starting any process
+        return _spawn_torchrun(args)
+    from coe_dist.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+def _spawn_torchrun(args: argparse.Namespace) -> int:
+    """Re-launch this command under torchrun on this node (c10d rendezvous on a free local port)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "coe_dist.train"]
+    if args.config:
+        cmd += ["--config", args.config]
+    for override in args.overrides:
+        cmd += ["--set", override]
+    if args.debug:
+        cmd.append("--debug")
+    print("coe-dist: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coe-dist",
+        description="Train Chain-of-Experts (CoE) language models with expert parallelism under DeepSpeed ZeRO.",
+        epilog="Start with: coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="pretrain a CoE model (one process, or --nproc P via torchrun)",
+                           description="Pretrain a CoE language model. Under torchrun/srun/mpirun each process "
+                                       "runs this command; --nproc P starts P local processes through torchrun.")
+    _add_config_args(train)
+    train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
+    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    train.set_defaults(func=_train)
+
+    from coe_dist.data import preprocess
+
+    preprocess.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 for bad arguments, 0 for --help
+        return int(e.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        return _fail(args, f"config error: {e}", EXIT_CONFIG)
+    except (UserError, LaunchError, FileNotFoundError, PermissionError) as e:
+        return _fail(args, f"error: {e}", EXIT_RUNTIME)
+    except ValueError as e:
+        if type(e).__name__ == "DataError":
+            return _fail(args, f"data error: {e}", EXIT_RUNTIME)
+        raise
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    print(f"coe-dist: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
