@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
         return _spawn_torchrun(args)
     from coe_dist.train.loop import train
 
-    train(cfg)
+    train(cfg, resume=args.resume)
     return 0
 
 
@@ -50,6 +50,8 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
         cmd += ["--config", args.config]
     for override in args.overrides:
         cmd += ["--set", override]
+    if args.resume:
+        cmd += ["--resume", args.resume]
     if args.debug:
         cmd.append("--debug")
     print("coe-dist: " + " ".join(cmd[1:]), flush=True)
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "runs this command; --nproc P starts P local processes through torchrun.")
     _add_config_args(train)
     train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
+    train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
+                       "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 

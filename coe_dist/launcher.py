@@ -1,27 +1,46 @@
 """Where am I in the job? Rank, local rank, world size and rendezvous address from the launcher.
 
 Sources, in this order (the first that is present wins):
-  1. torchrun / torch.distributed.run: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-  2. Slurm (srun):  SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_JOB_NODELIST
-  3. MPI (mpirun / srun --mpi=pmix) through mpi4py: COMM_WORLD rank/size, local rank from a
-     shared-memory split, rank 0's host name broadcast as the rendezvous address
+  1. torchrun / torch.distributed.run (also the DeepSpeed launcher):
+     RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+  2. Slurm, a task of an `srun` step (one task per process):
+     SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, first host of SLURM_STEP_NODELIST (or
+     SLURM_JOB_NODELIST); port MASTER_PORT or 29500 + SLURM_JOB_ID % 1000 so that two jobs
+     sharing a node do not collide. The batch script itself (no SLURM_STEP_ID) is not a task:
+     it has SLURM_PROCID=0 and SLURM_NTASKS=N but only one process would ever join.
+  3. MPI (mpirun / mpiexec / `srun --mpi=pmix`) through mpi4py: COMM_WORLD rank and size, local
+     rank from a shared-memory split, rendezvous on 127.0.0.1 when all ranks share one node and
+     on rank 0's host name otherwise (MASTER_ADDR/MASTER_PORT override both). Detected from the
+     variables Open MPI (OMPI_COMM_WORLD_*), MPICH/Intel MPI (PMI_*), PMIx (PMIX_RANK) and
+     MVAPICH (MV2_COMM_WORLD_*) set. mpirun inside a Slurm allocation starts its ranks from
+     Slurm steps, so they carry SLURM_* variables of that step: when those disagree with the
+     MPI rank/size, MPI wins. Under `srun --mpi=pmix` they agree and Slurm's are used.
   4. nothing: a single process (rank 0 of 1)
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 DEFAULT_PORT = 29500
+BACKENDS = ("nccl", "gloo")
+
+# Rank and size variables of the MPI launchers we recognise: (rank, size) pairs, first match wins.
+MPI_RANK_SIZE = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                 ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"), ("PMIX_RANK", None))
+MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
+               "MPI_LOCALNRANKS")
+TORCHRUN_MARKERS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
 
 class LaunchError(RuntimeError):
-    """The launcher's environment is incomplete or malformed."""
+    """The launcher's environment is incomplete or malformed. The message names the variable and the fix."""
 
 
 @dataclass(frozen=True)
@@ -34,83 +53,238 @@ class ProcessEnv:
     source: str  # torchrun | slurm | mpi | single
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm host list: 'node[01-03,07],gpu5' -> [node01, node02, node03, node07, gpu5]."""
-    hosts: list[str] = []
-    # Split on commas that are not inside brackets.
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist.strip()):
-        hosts.extend(_expand_host(part.strip(), nodelist))
+# ---------------------------------------------------------------- Slurm host lists
+
+def _split_top_level(text: str, var: str) -> list[str]:
+    """Split on commas outside brackets; reject nested or unbalanced brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            if depth:
+                raise LaunchError(f"{var}={text!r}: nested '[' at position {i}; expected e.g. node[01-04,07]")
+            depth = 1
+        elif ch == "]":
+            if not depth:
+                raise LaunchError(f"{var}={text!r}: ']' without '[' at position {i}; expected e.g. node[01-04,07]")
+            depth = 0
+        elif ch == "," and not depth:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise LaunchError(f"{var}={text!r}: '[' is never closed; expected e.g. node[01-04,07]")
+    parts.append(text[start:])
+    return parts
+
+
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def _parse_ranges(group: str, pattern: str, whole: str, var: str) -> list[tuple[int, int, int]]:
+    """'01-04,07' -> [(1, 4, 2), (7, 7, 2)]: (low, high, zero-padded width)."""
+    ranges = []
+    for item in group.split(","):
+        m = _RANGE.fullmatch(item.strip())
+        if m is None:
+            raise LaunchError(f"{var}={whole!r}: bad range {item!r} in {pattern!r}; expected numbers like 07 or 01-04")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        if int(hi) < int(lo):
+            raise LaunchError(f"{var}={whole!r}: range {item!r} in {pattern!r} runs backwards; write {hi}-{lo}")
+        ranges.append((int(lo), int(hi), len(lo)))
+    return ranges
+
+
+def _parse_host(pattern: str, whole: str, var: str) -> list[str | list[tuple[int, int, int]]]:
+    """'rack[1-2]-n[01,03]' -> ['rack', [(1, 2, 1)], '-n', [(1, 1, 2), (3, 3, 2)]]."""
+    pieces: list[str | list[tuple[int, int, int]]] = []
+    pos = 0
+    for m in re.finditer(r"\[([^\]]*)\]", pattern):  # brackets were checked balanced and flat
+        if m.start() > pos:
+            pieces.append(pattern[pos:m.start()])
+        pieces.append(_parse_ranges(m.group(1), pattern, whole, var))
+        pos = m.end()
+    if pos < len(pattern):
+        pieces.append(pattern[pos:])
+    return pieces
+
+
+def _expand_pieces(pieces: list) -> Iterator[str]:
+    # A generator, not itertools.product: product would materialise 'n[0-9999999]' to name its first host.
+    if not pieces:
+        yield ""
+        return
+    head, rest = pieces[0], pieces[1:]
+    choices = [head] if isinstance(head, str) else (f"{n:0{w}d}" for lo, hi, w in head for n in range(lo, hi + 1))
+    for choice in choices:
+        for tail in _expand_pieces(rest):
+            yield choice + tail
+
+
+def iter_nodelist(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> Iterator[str]:
+    """Hosts of a Slurm host list, lazily (a list may name thousands). The whole list is checked first."""
+    text = nodelist.strip()
+    if not text:
+        raise LaunchError(f"{var} is empty: run inside an allocation (sbatch/salloc), or set MASTER_ADDR")
+    parsed = []
+    for part in _split_top_level(text, var):
+        part = part.strip()
+        if not part:
+            raise LaunchError(f"{var}={nodelist!r}: empty host name between commas")
+        if any(c.isspace() for c in part):
+            raise LaunchError(f"{var}={nodelist!r}: white space inside host name {part!r}")
+        parsed.append(_parse_host(part, nodelist, var))
+    for pieces in parsed:
+        yield from _expand_pieces(pieces)
+
+
+def expand_nodelist(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand a Slurm host list: 'node[01-03,07],gpu5' -> [node01, node02, node03, node07, gpu5].
+
+    Several bracket groups multiply out ('r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2); zero padding follows
+    the lower bound ('n[8-10]' -> n8 n9 n10, 'n[08-10]' -> n08 n09 n10), as `scontrol show hostnames` does.
+    """
+    hosts = list(iter_nodelist(nodelist, var))
     if not hosts:
-        raise LaunchError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
+        raise LaunchError(f"{var}={nodelist!r} names no host: run inside an allocation (sbatch/salloc)")
     return hosts
 
 
-def _expand_host(pattern: str, whole: str) -> list[str]:
-    m = re.search(r"\[([^\]]*)\]", pattern)
-    if m is None:
-        if "[" in pattern or "]" in pattern:
-            raise LaunchError(f"SLURM_JOB_NODELIST={whole!r}: unbalanced brackets in {pattern!r}")
-        return [pattern] if pattern else []
-    head, tail = pattern[:m.start()], pattern[m.end():]
-    out = []
-    for item in m.group(1).split(","):
-        lo, _, hi = item.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise LaunchError(f"SLURM_JOB_NODELIST={whole!r}: bad range {item!r} (expected e.g. 01-04)")
-        width = len(lo)
-        for n in range(int(lo), int(hi or lo) + 1):
-            out.extend(_expand_host(f"{head}{n:0{width}d}{tail}", whole))
-    return out
+def first_host(nodelist: str, var: str = "SLURM_JOB_NODELIST") -> str:
+    for host in iter_nodelist(nodelist, var):
+        return host
+    raise LaunchError(f"{var}={nodelist!r} names no host: run inside an allocation (sbatch/salloc)")
 
 
-def _int(env: Mapping[str, str], key: str, source: str) -> int:
+# ---------------------------------------------------------------- discovery
+
+def _int(env: Mapping[str, str], key: str, source: str, fix: str) -> int:
     if key not in env:
-        raise LaunchError(f"{source} launch detected but {key} is not set: launch with {source} as documented "
-                          "in launch/ or set the variable")
+        raise LaunchError(f"{source} launch detected but {key} is not set: {fix}")
     try:
-        return int(env[key])
+        return int(env[key].strip())
     except ValueError:
-        raise LaunchError(f"{key}={env[key]!r} is not an integer") from None
+        raise LaunchError(f"{key}={env[key]!r} is not an integer: {fix}") from None
+
+
+def _port(env: Mapping[str, str], default: int) -> int:
+    raw = env.get("MASTER_PORT")
+    if raw is None or raw == "":
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise LaunchError(f"MASTER_PORT={raw!r} is not a TCP port: set it to a free port in 1-65535, e.g. 29500")
+    return port
+
+
+def _checked(penv: ProcessEnv, names: tuple[str, str, str]) -> ProcessEnv:
+    rank_var, local_var, size_var = names
+    if penv.world_size < 1:
+        raise LaunchError(f"{size_var}={penv.world_size}: the world needs at least one process")
+    if not 0 <= penv.rank < penv.world_size:
+        raise LaunchError(f"{rank_var}={penv.rank} is outside 0..{penv.world_size - 1} "
+                          f"({size_var}={penv.world_size}): the launcher's variables disagree; relaunch")
+    if penv.local_rank < 0:
+        raise LaunchError(f"{local_var}={penv.local_rank}: a local rank is >= 0")
+    if not penv.master_addr:
+        raise LaunchError("MASTER_ADDR is empty: set it to rank 0's address (host name or IP)")
+    return penv
 
 
 def discover(env: Mapping[str, str] | None = None, *, use_mpi: bool = True) -> ProcessEnv:
+    """This process's place in the job, from the first launcher whose variables are present (see module doc)."""
     env = os.environ if env is None else env
-    if "RANK" in env or "TORCHELASTIC_RUN_ID" in env:
-        return ProcessEnv(_int(env, "RANK", "torchrun"), _int(env, "LOCAL_RANK", "torchrun"),
-                          _int(env, "WORLD_SIZE", "torchrun"), env.get("MASTER_ADDR", "127.0.0.1"),
-                          int(env.get("MASTER_PORT", DEFAULT_PORT)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if not nodelist:
-            raise LaunchError("Slurm launch detected but SLURM_JOB_NODELIST is not set: run inside an allocation "
-                              "(sbatch/salloc) with srun")
-        port = int(env.get("MASTER_PORT", DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000))
-        return ProcessEnv(_int(env, "SLURM_PROCID", "Slurm"), _int(env, "SLURM_LOCALID", "Slurm"),
-                          _int(env, "SLURM_NTASKS", "Slurm"), env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
-                          port, "slurm")
-    mpi_vars = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
-    if use_mpi and any(k in env for k in mpi_vars):
+    if any(k in env for k in TORCHRUN_MARKERS):
+        return _discover_torchrun(env)
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and not _mpi_disagrees_with_slurm(env):
+        return _discover_slurm(env)
+    if use_mpi and any(k in env for k in MPI_MARKERS):
         return _discover_mpi(env)
-    return ProcessEnv(0, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)),
-                      "single")
+    return ProcessEnv(0, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", _port(env, DEFAULT_PORT), "single")
+
+
+def _discover_torchrun(env: Mapping[str, str]) -> ProcessEnv:
+    fix = "launch with torchrun (see launch/torchrun.sh), or set RANK, LOCAL_RANK and WORLD_SIZE together"
+    rank = _int(env, "RANK", "torchrun", fix)
+    local = _int(env, "LOCAL_RANK", "torchrun", fix)
+    world = _int(env, "WORLD_SIZE", "torchrun", fix)
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        if world > 1:
+            raise LaunchError(f"torchrun launch detected (WORLD_SIZE={world}) but MASTER_ADDR is not set: set it "
+                              "to rank 0's address, or launch with torchrun which sets it")
+        addr = "127.0.0.1"
+    return _checked(ProcessEnv(rank, local, world, addr, _port(env, DEFAULT_PORT), "torchrun"),
+                    ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def _discover_slurm(env: Mapping[str, str]) -> ProcessEnv:
+    fix = "start one task per process with srun inside an allocation (see slurm/train.sbatch)"
+    rank = _int(env, "SLURM_PROCID", "Slurm", fix)
+    local = _int(env, "SLURM_LOCALID", "Slurm", fix)
+    size_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    world = _int(env, size_var, "Slurm", fix)
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        var = next((v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(v)), None)
+        if var is None:
+            raise LaunchError("Slurm launch detected but SLURM_JOB_NODELIST is not set: run inside an allocation "
+                              "(sbatch/salloc) with srun, or set MASTER_ADDR to rank 0's host")
+        addr = first_host(env[var], var)
+    job = _int(env, "SLURM_JOB_ID", "Slurm", fix) if "SLURM_JOB_ID" in env else 0
+    return _checked(ProcessEnv(rank, local, world, addr, _port(env, DEFAULT_PORT + job % 1000), "slurm"),
+                    ("SLURM_PROCID", "SLURM_LOCALID", size_var))
+
+
+def _mpi_rank_size(env: Mapping[str, str]) -> tuple[str, str | None] | None:
+    for rank_var, size_var in MPI_RANK_SIZE:
+        if rank_var in env:
+            return env[rank_var], (env.get(size_var) if size_var else None)
+    return None
+
+
+def _mpi_disagrees_with_slurm(env: Mapping[str, str]) -> bool:
+    """True for ranks that mpirun started inside an allocation: they inherit the SLURM_* of mpirun's daemon step."""
+    found = _mpi_rank_size(env)
+    if found is None:
+        return False
+    rank, size = found
+    slurm_size = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+    return rank.strip() != env.get("SLURM_PROCID", "").strip() or (size is not None and size != slurm_size)
 
 
 def _discover_mpi(env: Mapping[str, str]) -> ProcessEnv:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise LaunchError(f"MPI launch detected but mpi4py does not import ({e}): pip install mpi4py") from None
+        raise LaunchError(f"MPI launch detected but mpi4py does not import ({e}): pip install mpi4py, built "
+                          "against the MPI that runs mpirun") from None
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    addr = env.get("MASTER_ADDR") or comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, root=0)
-    port = int(env.get("MASTER_PORT", DEFAULT_PORT))
-    return ProcessEnv(comm.Get_rank(), local.Get_rank(), comm.Get_size(), addr, port, "mpi")
+    one_node = local.Get_size() == comm.Get_size()
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        # One node: loopback, which needs no name resolution. Several: rank 0's host name, which the
+        # cluster's other nodes resolve; set MASTER_ADDR where they cannot.
+        addr = "127.0.0.1" if one_node else comm.bcast(socket.gethostname() if comm.Get_rank() == 0 else None, 0)
+    penv = ProcessEnv(comm.Get_rank(), local.Get_rank(), comm.Get_size(), addr, _port(env, DEFAULT_PORT), "mpi")
+    local.Free()
+    return _checked(penv, ("MPI rank", "MPI local rank", "MPI size"))
 
+
+# ---------------------------------------------------------------- process group
 
 def pick_backend(requested: str, device_type: str) -> str:
-    if requested != "auto":
-        return requested
-    return "nccl" if device_type == "cuda" else "gloo"
+    """'auto' -> NCCL on CUDA, gloo otherwise; an explicit choice is kept but checked against the device."""
+    if requested == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if requested not in BACKENDS:
+        raise LaunchError(f"parallel.backend={requested!r}: must be auto, nccl or gloo")
+    if requested == "nccl" and device_type != "cuda":
+        raise LaunchError(f"parallel.backend=nccl on device {device_type!r}: NCCL needs CUDA tensors; "
+                          "use --set parallel.backend=gloo (or auto)")
+    return requested
 
 
 def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
@@ -118,11 +292,17 @@ def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    # env:// rendezvous for every source: torchrun already set these; Slurm and MPI tasks get them here.
     for key, value in (("RANK", penv.rank), ("LOCAL_RANK", penv.local_rank), ("WORLD_SIZE", penv.world_size),
                        ("MASTER_ADDR", penv.master_addr), ("MASTER_PORT", penv.master_port)):
         os.environ[key] = str(value)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=penv.rank, world_size=penv.world_size,
                                 timeout=timedelta(seconds=timeout_s))
+    if backend == "gloo":
+        # DeepSpeed's CPU comm wrapper JIT-builds a shared-memory all-reduce op on every start (~40 s on 2
+        # cores); the project runs its collectives through torch.distributed, so skip the build.
+        # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm re-exports it.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False,
                                timeout=timedelta(seconds=timeout_s))

@@ -7,11 +7,16 @@ Launch (see launch/ and slurm/ for the scripts):
     coe-dist train --config configs/tiny.yaml                       # one process
     coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2
     torchrun --nproc_per_node=2 -m coe_dist.train --config configs/tiny.yaml --set moe.ep_size=2
+SIGTERM or SIGUSR1 (Slurm's warning before a time limit) saves a checkpoint at the end of the current
+step and exits; `--resume auto` continues from the newest complete checkpoint, on any layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +27,32 @@ import torch.distributed as dist
 from coe_dist.config import RunConfig, check_world
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
+from coe_dist.train import checkpoint
 from coe_dist.train.metrics import MetricsLogger
 from coe_dist.train.run_info import write_run_info
 
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)  # global-batch mean LM loss per step
+    losses: list[float] = field(default_factory=list)  # global-batch mean LM loss per step run here
     aux_losses: list[float] = field(default_factory=list)
+    valid: dict[int, float] = field(default_factory=dict)  # step -> validation loss
     comm: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
+    start_step: int = 0
+    stopped_by_signal: int = 0
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGUSR1; the loop checks it (agreed over ranks) at each step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -48,11 +69,18 @@ def say(penv: ProcessEnv, message: str) -> None:
         print(message, flush=True)
 
 
-def train(cfg: RunConfig, penv: ProcessEnv | None = None) -> TrainResult:
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None = None) -> TrainResult:
     penv = penv or discover()
     dp_size = check_world(cfg, penv.world_size)  # before any collective
     device = pick_device(cfg.train.device, penv.local_rank)
     backend = pick_backend(cfg.parallel.backend, device.type)
+    stop = StopSignal()
     init_distributed(penv, backend, cfg.parallel.timeout_s)
     say(penv, f"coe-dist: launcher={penv.source} world={penv.world_size} ep={cfg.moe.ep_size} "
               f"expert-dp={dp_size} backend={backend} device={device} dtype={cfg.train.dtype} "
@@ -61,62 +89,119 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None) -> TrainResult:
     from coe_dist.data.loader import build_data
     from coe_dist.train.engine import build_engine
 
+    run_dir = Path(cfg.log.run_dir)
     data = build_data(cfg, dp_rank=penv.rank, dp_size=penv.world_size, barrier=dist.barrier)
     model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed).to(device)
     engine = build_engine(model, cfg, penv.world_size)
-    logger = MetricsLogger(cfg.log.run_dir, enabled=penv.rank == 0, tensorboard=cfg.log.tensorboard)
+    start_step = _maybe_resume(resume, run_dir, model, engine, data, penv)
+    logger = MetricsLogger(run_dir, enabled=penv.rank == 0, tensorboard=cfg.log.tensorboard)
     if penv.rank == 0:
-        write_run_info(Path(cfg.log.run_dir), cfg, penv, backend, model)
+        write_run_info(run_dir, cfg, penv, backend, model)
     params = model.num_params()
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * penv.world_size
     say(penv, f"coe-dist: {params['total_local']:,} parameters on rank 0 ({params['expert_local']:,} in its "
-              f"experts); {cfg.train.steps} steps of {global_batch} x {cfg.train.seq_len} tokens")
+              f"experts); steps {start_step + 1}..{cfg.train.steps} of {global_batch} x {cfg.train.seq_len} tokens")
     try:
-        return _run(cfg, penv, engine, model, data, logger, device)
+        return _run(cfg, penv, engine, model, data, logger, device, start_step, stop)
     finally:
         logger.close()
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _maybe_resume(resume, run_dir, model, engine, data, penv) -> int:
+    if not resume or resume == "none":
+        return 0
+    path = (checkpoint.find_resumable(run_dir, warn=lambda m: say(penv, m)) if resume == "auto"
+            else Path(resume))
+    if path is None:
+        say(penv, f"coe-dist: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        return 0
+    meta = checkpoint.load(path, model, engine)
+    data.train.load_state_dict(meta["data"])
+    say(penv, f"coe-dist: resumed from {path} (step {meta['step']}, saved at world {meta['world_size']} "
+              f"ep {meta['ep_size']})")
+    return int(meta["step"])
 
 
-def _run(cfg, penv, engine, model, data, logger, device) -> TrainResult:
-    result = TrainResult()
-    t = cfg.train
+def _save(cfg, run_dir, step, model, engine, data, penv) -> None:
+    extra = {"optimizer_step": step, "data": data.train.state_dict(), "config": cfg.to_dict()}
+    extra["config"]["optim"]["betas"] = list(extra["config"]["optim"]["betas"])
+    path = checkpoint.save(run_dir, step, model, engine, extra, cfg.log.keep_last)
+    say(penv, f"coe-dist: saved checkpoint {path}")
+
+
+def _run(cfg, penv, engine, model, data, logger, device, start_step, stop) -> TrainResult:
+    result = TrainResult(start_step=start_step)
+    t, run_dir = cfg.train, Path(cfg.log.run_dir)
     tokens_per_step = t.micro_batch_size * t.grad_accum * penv.world_size * t.seq_len
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(t.steps):
-        sums = torch.zeros(2, dtype=torch.float64)  # lm, aux summed over micro-steps
+    step = start_step
+    while step < t.steps:
+        sums = torch.zeros(3, dtype=torch.float64)  # lm, aux summed over micro-steps; stop flag
         for _ in range(t.grad_accum):
             tokens_BL, targets_BL, _ids = data.train.next_micro_batch()
-            with _autocast(cfg, device):
+            with autocast(cfg, device):
                 out = engine(tokens_BL.to(device), targets_BL.to(device))
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double().cpu()
-        # Global-batch mean over micro-steps and ranks: what one process on the whole batch would report.
+            sums[:2] += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double().cpu()
+        sums[2] = stop.signum
+        # Global-batch means, and whether any rank was asked to stop: one small collective per step.
         if penv.world_size > 1:
             dist.all_reduce(sums)
-        lm, aux = (sums / (t.grad_accum * penv.world_size)).tolist()
+        lm, aux = (sums[:2] / (t.grad_accum * penv.world_size)).tolist()
+        step += 1
         result.losses.append(lm)
         result.aux_losses.append(aux)
         window_tokens += tokens_per_step
-        if (step + 1) % cfg.log.log_interval == 0 or step + 1 == t.steps:
-            elapsed = time.perf_counter() - window_start
-            result.tokens_per_s = window_tokens / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            logger.scalars(step + 1, {"loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
-                                      "lr": engine.get_lr()[0], "grad_norm": float(grad_norm or 0.0),
-                                      "tokens_per_s": result.tokens_per_s})
-            say(penv, f"step {step + 1:>6}/{t.steps}  loss {lm:.4f}  aux {aux:.5f}  lr {engine.get_lr()[0]:.2e}  "
-                      f"{result.tokens_per_s:,.0f} tok/s")
+        if step % cfg.log.log_interval == 0 or step == t.steps:
+            result.tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            _log_step(cfg, penv, engine, logger, step, lm, aux, result.tokens_per_s)
             window_start, window_tokens = time.perf_counter(), 0
+        if cfg.log.eval_batches and (step % cfg.log.eval_interval == 0 or step == t.steps):
+            result.valid[step] = _validate(cfg, penv, engine, data, logger, device, step)
+        if sums[2] > 0 or step == t.steps or (cfg.log.save_interval and step % cfg.log.save_interval == 0):
+            _save(cfg, run_dir, step, model, engine, data, penv)
+        if sums[2] > 0:
+            result.stopped_by_signal = int(stop.signum or signal.SIGTERM)
+            say(penv, f"coe-dist: stopped by signal at step {step}; resume with --resume auto")
+            break
     result.comm = _comm_summary(model)
     say(penv, format_comm_summary(result.comm))
+    if result.stopped_by_signal:
+        sys.exit(128 + result.stopped_by_signal)
     return result
+
+
+def _log_step(cfg, penv, engine, logger, step, lm, aux, tokens_per_s) -> None:
+    lr = engine.get_lr()[0]
+    grad_norm = float(engine.get_global_grad_norm() or 0.0)
+    logger.scalars(step, {"loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_s})
+    say(penv, f"step {step:>6}/{cfg.train.steps}  loss {lm:.4f}  aux {aux:.5f}  lr {lr:.2e}  "
+              f"grad {grad_norm:.3f}  {tokens_per_s:,.0f} tok/s")
+
+
+@torch.no_grad()
+def evaluate(cfg: RunConfig, engine_or_model, batches, device: torch.device, world_size: int) -> float:
+    """Mean LM loss over the held-out batches of all ranks."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for tokens_BL, targets_BL in batches:
+        with autocast(cfg, device):
+            out = engine_or_model(tokens_BL.to(device), targets_BL.to(device))
+        total += torch.tensor([out.lm_loss.item() * targets_BL.numel(), targets_BL.numel()], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def _validate(cfg, penv, engine, data, logger, device, step) -> float:
+    engine.eval()
+    loss = evaluate(cfg, engine, data.valid_batches(cfg.log.eval_batches), device, penv.world_size)
+    engine.train()
+    ppl = math.exp(min(loss, 50.0))
+    logger.scalars(step, {"valid/loss": loss, "valid/perplexity": ppl})
+    say(penv, f"valid  {step:>6}/{cfg.train.steps}  loss {loss:.4f}  ppl {ppl:.2f}")
+    return loss
 
 
 def _comm_summary(model) -> dict[str, float]:
