@@ -2,6 +2,8 @@
 
     coe-dist train --config configs/tiny.yaml [--set section.key=value ...] [--nproc P]
     coe-dist preprocess --input FILES --tokenizer TOKENIZER --output PREFIX [--fields question,answer]
+    coe-dist eval --checkpoint RUN_OR_CHECKPOINT_DIR
+    coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
 
 Exit codes: 0 success, 1 runtime error (data, launch, I/O), 2 bad configuration or arguments.
 User errors print one line; `--debug` adds the traceback.
@@ -17,6 +19,7 @@ import traceback
 
 from coe_dist.config import ConfigError, check_world, load_config
 from coe_dist.launcher import LaunchError
+from coe_dist.train.checkpoint import CheckpointError
 
 EXIT_RUNTIME, EXIT_CONFIG = 1, 2
 
@@ -77,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     from coe_dist.data import preprocess
+    from coe_dist.train import inference
 
     preprocess.register_cli(sub)
+    inference.register_cli(sub)
     return parser
 
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         return _fail(args, f"config error: {e}", EXIT_CONFIG)
-    except (UserError, LaunchError, FileNotFoundError, PermissionError) as e:
+    except (UserError, LaunchError, CheckpointError, FileNotFoundError, PermissionError) as e:
         return _fail(args, f"error: {e}", EXIT_RUNTIME)
     except ValueError as e:
         if type(e).__name__ == "DataError":

@@ -62,8 +62,6 @@ class MoEConfig:
     capacity_factor: float | None = None  # None = dropless
     ep_size: int = 1  # expert-parallel degree P: each rank of a group holds N/P experts
     expert_impl: str = "grouped"  # grouped (torch._grouped_mm) | loop
-    token_chunks: int = 1  # split each iteration's tokens so all-to-all overlaps expert compute
-    recompute: bool = False  # recompute each iteration's expert path in backward
 
 
 @dataclass(kw_only=True)
@@ -114,6 +112,7 @@ class LogConfig:
     save_interval: int = 0  # 0 = only at the end
     keep_last: int = 2
     tensorboard: bool = True
+    sample_log: bool = False  # each rank appends the dataset indices it consumed to <run_dir>/samples/
 
 
 @dataclass(kw_only=True)
@@ -261,7 +260,7 @@ def _choice(section: str, obj: Any, key: str, options: tuple[str, ...]) -> None:
 
 
 def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
-    _positive("moe", moe, "num_experts", "top_k", "expert_hidden_size", "ep_size", "token_chunks")
+    _positive("moe", moe, "num_experts", "top_k", "expert_hidden_size", "ep_size")
     _check(moe.iterations >= 1, f"moe.iterations={moe.iterations}: must be >= 1 (1 = plain MoE)")
     _check(moe.num_shared_experts >= 0, f"moe.num_shared_experts={moe.num_shared_experts}: must be >= 0")
     _check(moe.top_k <= moe.num_experts,

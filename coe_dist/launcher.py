@@ -20,7 +20,6 @@ Sources, in this order (the first that is present wins):
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import socket
@@ -289,8 +288,9 @@ def pick_backend(requested: str, device_type: str) -> str:
 
 def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
     """Start torch.distributed (and DeepSpeed's comm wrapper) for any world size, 1 included."""
-    import deepspeed
     import torch.distributed as dist
+
+    from coe_dist.parallel.groups import init_deepspeed_comm
 
     # env:// rendezvous for every source: torchrun already set these; Slurm and MPI tasks get them here.
     for key, value in (("RANK", penv.rank), ("LOCAL_RANK", penv.local_rank), ("WORLD_SIZE", penv.world_size),
@@ -299,10 +299,4 @@ def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=penv.rank, world_size=penv.world_size,
                                 timeout=timedelta(seconds=timeout_s))
-    if backend == "gloo":
-        # DeepSpeed's CPU comm wrapper JIT-builds a shared-memory all-reduce op on every start (~40 s on 2
-        # cores); the project runs its collectives through torch.distributed, so skip the build.
-        # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm re-exports it.)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False,
-                               timeout=timedelta(seconds=timeout_s))
+    init_deepspeed_comm(backend, timedelta(seconds=timeout_s))

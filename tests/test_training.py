@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainrun import TINY, losses, run_train
 
 from coe_dist.config import load_config
 from coe_dist.data.loader import build_data
 from coe_dist.model import CoETransformer
+
+from trainrun import TINY, losses, run_train
 
 FAST = ("train.dtype=fp32", "log.log_interval=1", "log.eval_batches=0", "data.num_documents=400")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from coe_dist.config import MoEConfig, validate_moe
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
-from coe_dist.model.router import Router, Routing, global_aux_loss, seq_aux_loss, z_loss
+from coe_dist.model.router import Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
 
 
@@ -57,6 +57,9 @@ class CoELayer(nn.Module):
                                       impl=config.expert_impl)
         self.shared_experts = (SwiGLU(hidden_size, config.num_shared_experts * config.expert_hidden_size)
                                if config.num_shared_experts else None)
+        # Set by the trainer on logging steps: the next forward records routing statistics (no collectives).
+        self.record_routing = False
+        self.routing_record: dict[str, object] = {}
         self.reset_parameters(seed, init_std)
 
     @torch.no_grad()
@@ -85,15 +88,30 @@ class CoELayer(nn.Module):
         cfg = self.config
         h_TD = u_BLD.reshape(B * L, D)
         aux = h_TD.new_zeros((), dtype=torch.promote_types(h_TD.dtype, torch.float32))
+        chain: list[torch.Tensor] = []
         for t in range(cfg.iterations):
             router = self.routers[t if cfg.independent_gating else 0]
             routing = router(h_TD)
             aux = aux + self._router_loss(routing, B)
+            if self.record_routing:
+                chain.append(self._record(routing, t))
             y_TD = self._routed_experts(h_TD, routing, t)
             if self.shared_experts is not None:
                 y_TD = y_TD + self.shared_experts(h_TD)
             h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
+        if chain:
+            # Chain diversity: distinct ordered tuples of expert sets (one set per iteration) over tokens.
+            self.routing_record["chains"] = int(torch.unique(torch.cat(chain, dim=1), dim=0).shape[0])
+            self.routing_record["tokens"] = B * L
         return h_TD.view(B, L, D), aux
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, iteration: int) -> torch.Tensor:
+        probs = routing.probs_TN
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+        self.routing_record[f"iter{iteration}/counts"] = expert_counts(routing.experts_TK, self.config.num_experts)
+        self.routing_record[f"iter{iteration}/entropy"] = float(entropy)
+        return routing.experts_TK.sort(dim=-1).values
 
     def _routed_experts(self, h_TD: torch.Tensor, routing: Routing, iteration: int) -> torch.Tensor:
         """route -> permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum."""

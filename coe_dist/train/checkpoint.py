@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from coe_dist.faults import fault_point
 from coe_dist.model import CoETransformer
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -171,6 +172,7 @@ def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[st
                 "ep_size": ep_size, **extra}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync_dir(tmp)
+        fault_point("checkpoint.before_rename", step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -267,16 +269,13 @@ def find_resumable(run_dir: Path, warn=print) -> Path | None:
 
 # ------------------------------------------------------------------ load
 
-def load(path: Path, model: CoETransformer, engine) -> dict[str, Any]:
-    """Collective: restore weights and optimizer state into any layout. Returns meta (step, data state...)."""
-    meta = verify(path)
+def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer):
+    """Yield (name, parameter, {param, exp_avg, exp_avg_sq}) for every parameter this rank holds."""
     dense = torch.load(path / "dense.pt", map_location="cpu", weights_only=True)
     experts: dict[str, torch.Tensor] = {}
     for name in meta["files"]:
         if name.startswith("experts-"):
             experts.update(torch.load(path / name, map_location="cpu", weights_only=True))
-    opt_step = int(meta["optimizer_step"])
-    zero = _zero_optimizer(engine, create_state=True)
     owner = _expert_owner(model)
     for name, p in model.named_parameters():
         layer = owner.get(id(p))
@@ -290,6 +289,15 @@ def load(path: Path, model: CoETransformer, engine) -> dict[str, Any]:
         if full["param"].shape != p.shape:
             raise CheckpointError(f"{path}: parameter {name} has shape {list(full['param'].shape)} in the "
                                   f"checkpoint but {list(p.shape)} in this model: the model config differs")
+        yield name, p, full
+
+
+def load(path: Path, model: CoETransformer, engine) -> dict[str, Any]:
+    """Collective: restore weights and optimizer state into any layout. Returns meta (step, data state...)."""
+    meta = verify(path)
+    opt_step = int(meta["optimizer_step"])
+    zero = _zero_optimizer(engine, create_state=True)
+    for _name, p, full in _read_full_states(path, meta, model):
         _set_full(engine, zero, p, full, opt_step)
     _set_optimizer_step(zero, opt_step)
     sched = engine.lr_scheduler
@@ -297,6 +305,20 @@ def load(path: Path, model: CoETransformer, engine) -> dict[str, Any]:
         sched.last_epoch = opt_step - 1
         sched.step()
     return meta
+
+
+@torch.no_grad()
+def load_weights(path: Path, model: CoETransformer) -> dict[str, Any]:
+    """Weights only, no optimizer or engine: for eval, generate and convert."""
+    meta = verify(path)
+    for _name, p, full in _read_full_states(path, meta, model):
+        p.copy_(full["param"].to(p.dtype))
+    return meta
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The run config a checkpoint was saved with (from meta.json)."""
+    return verify(path)["config"]
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:

@@ -14,6 +14,7 @@ step and exits; `--resume auto` continues from the newest complete checkpoint, o
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -29,6 +30,7 @@ from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backe
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint
 from coe_dist.train.metrics import MetricsLogger
+from coe_dist.train.moe_metrics import CommDelta, routing_metrics, start_recording
 from coe_dist.train.run_info import write_run_info
 
 
@@ -129,16 +131,25 @@ def _save(cfg, run_dir, step, model, engine, data, penv) -> None:
     say(penv, f"coe-dist: saved checkpoint {path}")
 
 
+def _is_log_step(cfg: RunConfig, step: int) -> bool:
+    return step % cfg.log.log_interval == 0 or step == cfg.train.steps
+
+
 def _run(cfg, penv, engine, model, data, logger, device, start_step, stop) -> TrainResult:
     result = TrainResult(start_step=start_step)
     t, run_dir = cfg.train, Path(cfg.log.run_dir)
     tokens_per_step = t.micro_batch_size * t.grad_accum * penv.world_size * t.seq_len
     window_start, window_tokens = time.perf_counter(), 0
+    comm_delta = CommDelta()
+    sample_log = SampleLog(run_dir, penv.rank) if cfg.log.sample_log else None
     step = start_step
     while step < t.steps:
         sums = torch.zeros(3, dtype=torch.float64)  # lm, aux summed over micro-steps; stop flag
-        for _ in range(t.grad_accum):
-            tokens_BL, targets_BL, _ids = data.train.next_micro_batch()
+        consumed: list[int] = []
+        for micro in range(t.grad_accum):
+            start_recording(model, _is_log_step(cfg, step + 1) and micro == t.grad_accum - 1)
+            tokens_BL, targets_BL, positions = data.train.next_micro_batch()
+            consumed += [data.train.dataset_index(p) for p in positions]
             with autocast(cfg, device):
                 out = engine(tokens_BL.to(device), targets_BL.to(device))
             engine.backward(out.loss)
@@ -152,10 +163,13 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop) -> Tr
         step += 1
         result.losses.append(lm)
         result.aux_losses.append(aux)
+        if sample_log:
+            sample_log.write(step, consumed)
         window_tokens += tokens_per_step
-        if step % cfg.log.log_interval == 0 or step == t.steps:
+        if _is_log_step(cfg, step):
             result.tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-            _log_step(cfg, penv, engine, logger, step, lm, aux, result.tokens_per_s)
+            _log_step(cfg, penv, engine, model, logger, step, lm, aux, result.tokens_per_s, comm_delta)
+            start_recording(model, False)
             window_start, window_tokens = time.perf_counter(), 0
         if cfg.log.eval_batches and (step % cfg.log.eval_interval == 0 or step == t.steps):
             result.valid[step] = _validate(cfg, penv, engine, data, logger, device, step)
@@ -172,11 +186,25 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop) -> Tr
     return result
 
 
-def _log_step(cfg, penv, engine, logger, step, lm, aux, tokens_per_s) -> None:
+class SampleLog:
+    """Each rank's consumed dataset indices per step, as JSON lines: proof that a resume skips nothing."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.file = (run_dir / "samples" / f"rank{rank}.jsonl").open("a", buffering=1)
+
+    def write(self, step: int, indices: list[int]) -> None:
+        self.file.write(json.dumps({"step": step, "samples": indices}) + "\n")
+
+
+def _log_step(cfg, penv, engine, model, logger, step, lm, aux, tokens_per_s, comm_delta) -> None:
     lr = engine.get_lr()[0]
     grad_norm = float(engine.get_global_grad_norm() or 0.0)
+    moe_scalars, hists = routing_metrics(model, penv.world_size)  # collective: every rank logs this step
     logger.scalars(step, {"loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_s})
+                          "tokens_per_s": tokens_per_s, **moe_scalars, **comm_delta(model)})
+    for tag, counts in hists.items():
+        logger.histogram(step, tag, counts)
     say(penv, f"step {step:>6}/{cfg.train.steps}  loss {lm:.4f}  aux {aux:.5f}  lr {lr:.2e}  "
               f"grad {grad_norm:.3f}  {tokens_per_s:,.0f} tok/s")
 

@@ -1,0 +1,167 @@
+"""Checkpoints: resume is exact, layout-independent, atomic, verified; logs and eval read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+
+from coe_dist.train import checkpoint
+
+from trainrun import losses, metrics, run_train
+
+FAST = ("train.dtype=fp32", "log.log_interval=1", "data.num_documents=400", "log.sample_log=true",
+        "train.steps=6", "log.eval_interval=6", "log.eval_batches=2")
+
+
+def sample_log(run_dir) -> dict[int, list[int]]:
+    """step -> sorted dataset indices consumed by all ranks together."""
+    out: dict[int, list[int]] = {}
+    for f in (run_dir / "samples").glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], []).extend(rec["samples"])
+    return {s: sorted(v) for s, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """6 steps at world 2, ep 2, checkpoints at steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_train(2, run_dir, *FAST, "moe.ep_size=2", "log.save_interval=3", "log.keep_last=5")
+    return run_dir
+
+
+def _resume(tmp_path, straight, nproc, *overrides):
+    run_train(nproc, tmp_path, *FAST, *overrides, extra=("--resume", str(straight / "checkpoints" / "step_3")))
+    return losses(tmp_path)
+
+
+def test_resume_same_layout_is_bitwise(tmp_path, straight):
+    resumed = _resume(tmp_path, straight, 2, "moe.ep_size=2")
+    full = losses(straight)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == full[s] for s in resumed), (resumed, full)  # bitwise: same floats
+    seen = sample_log(straight)
+    again = sample_log(tmp_path)
+    assert all(again[s] == seen[s] for s in (4, 5, 6))
+    # No sample twice within an epoch's worth of steps, none skipped: steps are disjoint and contiguous.
+    flat = [i for s in range(1, 7) for i in seen[s]]
+    assert len(flat) == len(set(flat))
+
+
+def test_resume_ep2_checkpoint_at_ep1(tmp_path, straight):
+    resumed = _resume(tmp_path, straight, 1, "moe.ep_size=1", "train.grad_accum=2")
+    full = losses(straight)
+    for s in (4, 5, 6):
+        assert abs(resumed[s] - full[s]) / full[s] < 1e-5, (s, resumed[s], full[s])
+    assert sample_log(tmp_path)[5] == sample_log(straight)[5]
+
+
+def test_resume_ep2_checkpoint_at_ep4_world4(tmp_path, straight):
+    resumed = _resume(tmp_path, straight, 4, "moe.ep_size=4", "train.micro_batch_size=4")
+    full = losses(straight)
+    for s in (4, 5, 6):
+        assert abs(resumed[s] - full[s]) / full[s] < 1e-5, (s, resumed[s], full[s])
+    assert sample_log(tmp_path)[6] == sample_log(straight)[6]
+
+
+def test_interrupted_save_is_skipped(tmp_path):
+    """SIGKILL between writing the step-4 checkpoint and renaming it: resume auto warns and uses step 2."""
+    common = (*FAST, "moe.ep_size=1", "train.steps=4", "log.save_interval=2")
+    proc = run_train(1, tmp_path, *common, check=False, env={"COE_DIST_FAULT": "checkpoint.before_rename@step4:kill"})
+    assert proc.returncode != 0
+    root = tmp_path / "checkpoints"
+    assert (root / "step_2" / "meta.json").is_file() and not (root / "step_4").exists()
+    assert (root / "latest").read_text().strip() == "step_2"
+    tmp = next(root.glob(".tmp-step_4-*"))
+    proc = run_train(1, tmp_path, *common, extra=("--resume", "auto"))
+    assert f"skipping incomplete checkpoint {tmp}" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_2" in proc.stdout
+    assert (root / "step_4" / "meta.json").is_file()
+
+
+def test_corrupted_checkpoint_falls_back(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for step in (3, 6):
+        os.system(f"cp -r {straight}/checkpoints/step_{step} {run_dir}/checkpoints/")
+    bad = run_dir / "checkpoints" / "step_6" / "experts-1.pt"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    bad.write_bytes(bytes(data))
+    warnings: list[str] = []
+    found = checkpoint.find_resumable(run_dir, warn=warnings.append)
+    assert found == run_dir / "checkpoints" / "step_3"
+    assert any(str(bad) in w and "checksum" in w for w in warnings), warnings
+    with pytest.raises(checkpoint.CheckpointError, match="experts-1.pt: checksum mismatch"):
+        checkpoint.verify(run_dir / "checkpoints" / "step_6")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/coe-dist-pwned",))
+
+
+def test_crafted_checkpoint_is_refused(tmp_path, straight):
+    """A dense.pt that would run code when unpickled is refused by weights_only loading."""
+    ckpt = tmp_path / "step_3"
+    os.system(f"cp -r {straight}/checkpoints/step_3 {ckpt}")
+    evil = ckpt / "dense.pt"
+    with evil.open("wb") as f:
+        pickle.dump({"param/embed.weight": _Exploit()}, f)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["dense.pt"] = checkpoint._sha256(evil)  # the attacker also fixes the checksum
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    from coe_dist.train.inference import load_model
+
+    with pytest.raises(pickle.UnpicklingError):
+        load_model(ckpt)
+    assert not os.path.exists("/tmp/coe-dist-pwned")
+
+
+def test_tensorboard_and_metrics_jsonl_agree(straight):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(straight / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    wanted = ["loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "valid/loss", "valid/perplexity",
+              "moe/layer0/iter1/load_imbalance", "moe/layer1/iter0/router_entropy", "moe/layer0/chain_diversity",
+              "comm/layer0/iter0/dispatch_fwd/seconds", "comm/layer1/iter1/combine_bwd/bytes_sent"]
+    for tag in wanted:
+        assert tag in tags["scalars"], tag
+    assert "moe/layer0/iter0/expert_load" in tags["histograms"]
+    hist = acc.Histograms("moe/layer0/iter0/expert_load")[-1].histogram_value
+    # Expert loads of the whole (2-rank) micro-batch: 2 ranks x 8 sequences x 128 tokens x top-2 copies.
+    assert sum(hist.bucket) == 2 * 8 * 128 * 2
+    records = {m["step"]: m for m in metrics(straight)}
+    for event in acc.Scalars("lm_loss"):
+        assert abs(event.value - records[event.step]["lm_loss"]) <= 1e-6 * abs(event.value)
+    assert {e.step for e in acc.Scalars("lm_loss")} == set(range(1, 7))
+
+
+def test_eval_of_ep2_checkpoint_in_one_process_matches_training(straight, capsys):
+    from coe_dist.cli import main
+
+    assert main(["eval", "--checkpoint", str(straight), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    trained = [m["valid/loss"] for m in metrics(straight) if "valid/loss" in m][-1]
+    assert result["checkpoint"].endswith("step_6")
+    assert abs(result["valid_loss"] - trained) / trained < 1e-5
+    assert main(["generate", "--checkpoint", str(straight), "--prompt", "Tom has", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("Tom has")
+
+
+def test_weights_only_load_used():
+    """Every torch.load in the package passes weights_only=True."""
+    import pathlib
+
+    root = pathlib.Path(checkpoint.__file__).parents[1]
+    for path in root.rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}:{n}"
+

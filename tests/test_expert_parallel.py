@@ -1,0 +1,361 @@
+"""Expert parallelism across real processes (COE_SPEC "Distributed protocol"), gloo on CPU.
+
+Every case has float32 weights taken from an ep_size=1 layer built here, a global batch of B sequences
+and a loss that is a sum over tokens (+ the aux loss, a mean over sequences, scaled by B_rank/B), so
+per-rank gradients add up to the single-process ones. The parent computes the single-process reference;
+one launch per world size (tests/ep_worker.py, one process per rank) runs all cases of that world, rank r
+on sequences [r*B/W, (r+1)*B/W). Comparisons:
+
+- outputs and input grads: ranks' slices concatenated; aux: mean over ranks (equal slices);
+- dense grads (routers, shared experts): summed over all ranks;
+- grads of expert i: summed over the ranks holding it (its expert-data-parallel replicas);
+- bytes per (iteration, direction): kept token copies whose expert lives on another rank of the
+  EP group, times hidden * 4, with the routing recomputed here from the router inputs and weights;
+- capacity: applied per rank on its own tokens, so the reference runs each rank's slice on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from ep_common import DIRECTIONS, build_layer, force_routing, launch, run_layer
+
+D, F, N = 32, 16, 8  # hidden, expert width, routed experts
+B, L = 8, 4  # global batch: sequences x length
+T = B * L
+RTOL = 1e-5
+ROW_BYTES = D * 4  # float32 rows on the wire
+LAUNCH_TIMEOUT_S = {2: 300, 4: 420}  # normally ~30 s each; generous for a loaded machine
+
+
+@dataclass
+class Case:
+    name: str
+    world: int
+    ep: int
+    C: int
+    K: int
+    kind: str  # equiv | edge | capacity
+    extra: dict = field(default_factory=dict)  # more MoEConfig keys
+    # forced(rank, iteration, n_tokens, generator) -> [n_tokens, K] expert ids for that rank's tokens
+    forced: Callable | None = None
+    input_requires_grad: bool = True
+
+    @property
+    def cfg(self) -> dict:
+        return dict(num_experts=N, top_k=self.K, iterations=self.C, num_shared_experts=1,
+                    expert_hidden_size=F, aux_loss_coef=0.1) | self.extra
+
+    @property
+    def cf(self) -> float | None:
+        return self.extra.get("capacity_factor")
+
+
+def pick(choices, K):
+    """Forced routing: every token takes K distinct experts drawn from `choices`."""
+    choices = torch.tensor(choices)
+
+    def f(n, g):
+        return torch.stack([choices[torch.randperm(len(choices), generator=g)[:K]] for _ in range(n)])
+    return f
+
+
+def by_rank(*per_rank):
+    """Forced routing given one `pick` per rank (same at every iteration)."""
+    return lambda r, t, n, g: per_rank[r](n, g)
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for world, eps in ((2, (1, 2)), (4, (4, 2))):
+        for ep in eps:
+            for C in (1, 2, 3):
+                for K in (1, 2, 4):
+                    cases.append(Case(f"w{world}_ep{ep}_C{C}_K{K}", world, ep, C, K, "equiv"))
+    cases += [
+        Case("w2_ep2_shared_gating_norm_topk", 2, 2, 3, 2, "equiv",
+             dict(independent_gating=False, norm_topk_prob=True, routed_scaling_factor=2.0)),
+        Case("w2_ep2_no_shared_outer_residual_zloss", 2, 2, 2, 3, "equiv",
+             dict(num_shared_experts=0, inner_residual=False, outer_residual=True, z_loss_coef=0.01)),
+        Case("w2_ep2_loop_experts", 2, 2, 2, 2, "equiv", dict(expert_impl="loop")),
+        Case("w4_ep2dp2_shared_gating_zloss", 4, 2, 2, 2, "equiv",
+             dict(independent_gating=False, z_loss_coef=0.01)),
+        # ---- edge routing (world 2, ep 2: rank 0 holds experts 0-3, rank 1 holds 4-7)
+        Case("edge_rank1_receives_nothing", 2, 2, 2, 2, "edge", forced=lambda r, t, n, g: pick(range(4), 2)(n, g)),
+        Case("edge_rank0_all_to_remote_expert6", 2, 2, 2, 1, "edge", forced=by_rank(pick([6], 1), pick(range(8), 1))),
+        Case("edge_all_tokens_one_expert", 2, 2, 2, 1, "edge", forced=lambda r, t, n, g: pick([0], 1)(n, g)),
+        Case("edge_zero_token_experts", 2, 2, 2, 2, "edge",
+             forced=lambda r, t, n, g: pick([1, 6] if t == 0 else [3, 4], 2)(n, g)),
+        Case("edge_all_remote", 2, 2, 2, 2, "edge", forced=by_rank(pick(range(4, 8), 2), pick(range(4), 2))),
+        Case("edge_all_local", 2, 2, 2, 2, "edge", forced=by_rank(pick(range(4), 2), pick(range(4, 8), 2))),
+        Case("edge_K_equals_N", 2, 2, 2, N, "edge"),
+        # world 4, ep 4: rank q holds experts 2q, 2q+1; rank 3 gets nothing, rank 2 sends all to expert 0-1
+        Case("edge_w4_ep4_rank3_receives_nothing", 4, 4, 2, 2, "edge",
+             forced=by_rank(pick(range(6), 2), pick(range(6), 2), pick([0, 1], 2), pick(range(6), 2))),
+        Case("edge_w4_ep4_K_equals_N", 4, 4, 2, N, "edge"),
+        # ep 2 x dp 2: EP group [0,1] stays on experts 0-3, group [2,3] on 4-7 (rank 1 and rank 2 idle)
+        Case("edge_w4_ep2dp2_idle_rank_per_group", 4, 2, 2, 2, "edge",
+             forced=by_rank(pick(range(4), 2), pick(range(4), 2), pick(range(4, 8), 2), pick(range(4, 8), 2))),
+        # ---- capacity (applied per rank on its own tokens)
+        Case("cap_w2_ep2_cf0.5", 2, 2, 2, 2, "capacity", dict(capacity_factor=0.5)),
+        Case("cap_w2_ep2_cf1.0_K1", 2, 2, 3, 1, "capacity", dict(capacity_factor=1.0)),
+        Case("cap_w2_ep2_cf1.25_K4", 2, 2, 2, 4, "capacity", dict(capacity_factor=1.25)),
+        Case("cap_w2_ep2_rank0_all_to_expert6", 2, 2, 2, 1, "capacity", dict(capacity_factor=1.0),
+             forced=by_rank(pick([6], 1), pick(range(8), 1))),
+        Case("cap_w4_ep4_cf0.75", 4, 4, 3, 2, "capacity", dict(capacity_factor=0.75)),
+        Case("cap_w4_ep2dp2_cf1.0_K4", 4, 2, 2, 4, "capacity", dict(capacity_factor=1.0)),
+    ]
+    return cases
+
+
+CASES = _cases()
+SEEDS = {c.name: i for i, c in enumerate(CASES)}
+FROZEN = Case("frozen_input_rank1_receives_nothing", 2, 2, 2, 2, "edge",
+              forced=lambda r, t, n, g: pick(range(4), 2)(n, g), input_requires_grad=False)
+
+
+# ---------------------------------------------------------------- single-process reference
+
+def _prepare(case: Case, index: int) -> dict:
+    """Weights, batch, forced tables and the single-process reference of one case."""
+    g = torch.Generator().manual_seed(1000 + index)
+    sd = build_layer(case.cfg, D, 1, seed=index).hf_state_dict()
+    for k in sd:  # sharper routing: top-K gaps far above rounding, so layouts route alike
+        if k.startswith("gate"):
+            sd[k] *= 5
+    u, gout = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+    T_l = T // case.world
+    forced = None
+    if case.forced is not None:
+        forced = [torch.cat([case.forced(r, t, T_l, g) for r in range(case.world)]) for t in range(case.C)]
+
+    layer = build_layer(case.cfg, D, 1, sd)
+    inputs: list[torch.Tensor] = []
+    for router in layer.routers:
+        router.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    # Capacity is per rank: the reference runs each rank's slice alone. Dropless: one global run.
+    Bd = B // case.world if case.cf is not None else B
+    runs, experts = [], [[] for _ in range(case.C)]
+    for start in range(0, B, Bd):
+        rows, toks = slice(start, start + Bd), slice(start * L, (start + Bd) * L)
+        inputs.clear()
+        if forced is not None:
+            force_routing(layer, [t[toks] for t in forced])
+        runs.append(run_layer(layer, u[rows], gout[rows], aux_scale=Bd / B,
+                              input_requires_grad=case.input_requires_grad))
+        assert len(inputs) == case.C
+        for t, h_TD in enumerate(inputs):  # recompute the routing from router inputs and weights
+            if forced is not None:
+                experts[t].append(forced[t][toks])
+                continue
+            w = layer.routers[t if layer.config.independent_gating else 0].weight.detach()
+            logits = h_TD @ w.T
+            top = logits.topk(min(case.K + 1, N), dim=-1).values
+            if case.K < N:  # test data sanity: no near-tie (logits ~1, layout rounding ~1e-6)
+                assert (top[:, case.K - 1] - top[:, case.K]).min() > 1e-5, case.name
+            experts[t].append(torch.softmax(logits, dim=-1).topk(case.K, dim=-1).indices)
+    ref = {
+        "out": torch.cat([r["out"] for r in runs]),
+        "aux": sum(r["aux"] * (Bd / B) for r in runs),
+        "u_grad": torch.cat([r["u_grad"] for r in runs]) if case.input_requires_grad else None,
+        "grads": {k: sum(r["grads"][k] for r in runs) for k in runs[0]["grads"]},
+        "experts": [torch.cat(e) for e in experts],  # per iteration [T, K]
+    }
+    worker_case = dict(name=case.name, cfg=case.cfg, ep=case.ep, sd=sd, u=u, gout=gout, forced=forced,
+                       input_requires_grad=case.input_requires_grad)
+    return {"case": case, "ref": ref, "worker": worker_case}
+
+
+def _run_world(world: int, cases: list[Case], tmp_path_factory, **launch_kw) -> dict:
+    prepared = [_prepare(c, SEEDS.get(c.name, 999)) for c in cases]
+    ranks = launch(world, [p["worker"] for p in prepared], tmp_path_factory.mktemp(f"ep_world{world}"),
+                   **launch_kw)
+    return {p["case"].name: dict(p, ranks=[r[p["case"].name] for r in ranks]) for p in prepared}
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _run_world(2, [c for c in CASES if c.world == 2], tmp_path_factory, timeout_s=LAUNCH_TIMEOUT_S[2])
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _run_world(4, [c for c in CASES if c.world == 4], tmp_path_factory, timeout_s=LAUNCH_TIMEOUT_S[4])
+
+
+def _result(request, case: Case) -> dict:
+    return request.getfixturevalue(f"world{case.world}")[case.name]
+
+
+# ---------------------------------------------------------------- checks
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (got.double() - want.double()).norm().item()
+    scale = want.double().norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _check_matches_reference(res: dict) -> dict[str, float]:
+    case, ref, ranks = res["case"], res["ref"], res["ranks"]
+    W, P, E = case.world, case.ep, N // case.ep
+    errors = {
+        "out": _rel_err(torch.cat([r["out"] for r in ranks]), ref["out"]),
+        "aux": _rel_err(sum(r["aux"] for r in ranks) / W, ref["aux"]),
+    }
+    if case.input_requires_grad:
+        errors["input grad"] = _rel_err(torch.cat([r["u_grad"] for r in ranks]), ref["u_grad"])
+    for rank, r in enumerate(ranks):  # each rank holds exactly the experts of its EP rank
+        q = rank % P
+        held = sorted({int(k.split(".")[1]) for k in r["grads"] if k.startswith("experts.")})
+        assert (r["first_expert"], r["num_local"], held) == (q * E, E, list(range(q * E, (q + 1) * E))), rank
+    for name, want in ref["grads"].items():
+        if name.startswith("experts."):  # summed over the expert-data-parallel replicas of its owner
+            owner = int(name.split(".")[1]) // E
+            holders = [rank for rank in range(W) if rank % P == owner]
+        else:  # dense: data parallel over the whole world
+            holders = range(W)
+        errors[f"grad {name}"] = _rel_err(sum(ranks[rank]["grads"][name] for rank in holders), want)
+    assert set(ref["grads"]) == {k for r in ranks for k in r["grads"]}
+    bad = {k: v for k, v in errors.items() if not v < RTOL}
+    assert not bad, f"{case.name}: relative error >= {RTOL}: {bad}"
+    return errors
+
+
+def _kept_counts(case: Case, ref: dict, t: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Per rank: kept token copies per global expert at iteration t, and dropped copies."""
+    T_l = T // case.world
+    kept, dropped = [], []
+    for rank in range(case.world):
+        counts = torch.bincount(ref["experts"][t][rank * T_l:(rank + 1) * T_l].flatten(), minlength=N)
+        if case.cf is not None:
+            capacity = math.ceil(case.cf * T_l * case.K / N)
+            dropped.append(int((counts - capacity).clamp(min=0).sum()))
+            counts = counts.clamp(max=capacity)
+        kept.append(counts)
+    return kept, dropped
+
+
+def _expected_records(case: Case, ref: dict) -> list[dict]:
+    """{(iteration, direction): (calls, bytes_sent, bytes_received)} per rank."""
+    P, E = case.ep, N // case.ep
+    expected = [{} for _ in range(case.world)]
+    for t in range(case.C):
+        kept, _ = _kept_counts(case, ref, t)
+        for rank in range(case.world):
+            q, first = rank % P, rank - rank % P  # EP rank, first rank of the EP group
+            mine = slice(q * E, (q + 1) * E)
+            sent = int(kept[rank].sum() - kept[rank][mine].sum()) * ROW_BYTES
+            recv = sum(int(kept[s][mine].sum()) for s in range(first, first + P) if s != rank) * ROW_BYTES
+            expected[rank].update({(t, "dispatch_fwd"): (1, sent, recv), (t, "combine_fwd"): (1, recv, sent),
+                                   (t, "dispatch_bwd"): (1, recv, sent), (t, "combine_bwd"): (1, sent, recv)})
+    return expected
+
+
+# ---------------------------------------------------------------- tests
+
+EQUIV = [c for c in CASES if c.kind == "equiv"]
+EDGE = [c for c in CASES if c.kind == "edge"]
+CAPACITY = [c for c in CASES if c.kind == "capacity"]
+EP_CASES = [c for c in CASES if c.ep > 1]
+
+
+@pytest.mark.parametrize("case", EQUIV, ids=lambda c: c.name)
+def test_expert_parallel_matches_single_process(request, case):
+    _check_matches_reference(_result(request, case))
+
+
+# Edge scenarios, checked on what the ranks saw (so the forced routing really took effect there).
+IDLE_RANKS = {"edge_rank1_receives_nothing": [1], "edge_all_tokens_one_expert": [1],
+              "edge_w4_ep4_rank3_receives_nothing": [3], "edge_w4_ep2dp2_idle_rank_per_group": [1, 2]}
+UNUSED_EXPERTS = {"edge_zero_token_experts": [0, 2, 5, 7], "edge_all_tokens_one_expert": list(range(1, N))}
+
+
+@pytest.mark.parametrize("case", EDGE, ids=lambda c: c.name)
+def test_edge_routing_completes_and_matches(request, case):
+    res = _result(request, case)
+    ranks, iters = res["ranks"], range(case.C)
+    for rank in IDLE_RANKS.get(case.name, []):  # received no rows: no traffic in, no expert grads
+        assert all(ranks[rank]["records"][(t, "dispatch_fwd")][2] == 0 for t in iters), rank
+        assert not any(g.any() for k, g in ranks[rank]["grads"].items() if k.startswith("experts.")), rank
+    for i in UNUSED_EXPERTS.get(case.name, []):
+        assert not any(g.any() for r in ranks for k, g in r["grads"].items() if k.startswith(f"experts.{i}.")), i
+    if case.name == "edge_rank0_all_to_remote_expert6":
+        assert all(ranks[0]["records"][(t, "dispatch_fwd")][1] == T // 2 * ROW_BYTES for t in iters)
+    if case.name == "edge_all_local":
+        assert all(rec[1:] == (0, 0) for r in ranks for rec in r["records"].values())
+    if case.name == "edge_all_remote":
+        assert all(r["records"][(t, "dispatch_fwd")][1:] == (T // 2 * 2 * ROW_BYTES,) * 2
+                   for r in ranks for t in iters)
+    _check_matches_reference(res)
+
+
+@pytest.mark.parametrize("case", CAPACITY, ids=lambda c: c.name)
+def test_capacity_drops_per_rank(request, case):
+    res = _result(request, case)
+    drops = [_kept_counts(case, res["ref"], t)[1] for t in range(case.C)]  # [iteration][rank]
+    for rank, r in enumerate(res["ranks"]):
+        assert r["dropped"] == {t: drops[t][rank] for t in range(case.C)}, f"rank {rank}"
+    assert any(d for per_rank in drops for d in per_rank) or case.cf >= 1.25
+    _check_matches_reference(res)  # the reference ran each rank's slice with its own capacity
+
+
+@pytest.mark.parametrize("case", EP_CASES, ids=lambda c: c.name)
+def test_comm_bytes_per_iteration_and_direction(request, case):
+    res = _result(request, case)
+    expected = _expected_records(case, res["ref"])
+    for rank, r in enumerate(res["ranks"]):
+        assert r["records"] == expected[rank], f"rank {rank}"
+    for t in range(case.C):
+        for direction in DIRECTIONS:
+            sent = sum(r["records"][(t, direction)][1] for r in res["ranks"])
+            received = sum(r["records"][(t, direction)][2] for r in res["ranks"])
+            assert sent == received, (t, direction)
+
+
+def test_ep1_data_parallel_has_no_comm_or_drops(world2):
+    for name, res in world2.items():
+        if res["case"].ep == 1:
+            assert all(r["records"] == {} and r["dropped"] == {} for r in res["ranks"]), name
+
+
+def test_dropless_reports_no_drops(world2, world4):
+    for name, res in (world2 | world4).items():
+        if res["case"].cf is None:
+            assert all(r["dropped"] == {} for r in res["ranks"]), name
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_group_layout(request, world):
+    results = request.getfixturevalue(f"world{world}")
+    seen = set()
+    for res in results.values():
+        P = res["case"].ep
+        if P == 1 or P in seen:
+            continue
+        seen.add(P)
+        for rank, r in enumerate(res["ranks"]):
+            first = rank - rank % P
+            assert r["ep_group"] == list(range(first, first + P)), (P, rank)  # consecutive
+            assert r["edp_group"] == list(range(rank % P, world, P)), (P, rank)  # strided
+    assert seen == ({2} if world == 2 else {2, 4})
+
+
+@pytest.mark.xfail(strict=True, raises=(RuntimeError, TimeoutError), reason=(
+    "coe_dist/model/experts.py GroupedExperts._loop: a rank that receives no rows returns x[:0], which does "
+    "not depend on the expert weights; when the layer input does not require grad, that rank's combine "
+    "all-to-all output does not require grad either, so in backward it skips the combine_bwd all-to-all "
+    "that the other ranks run: collectives mismatch (error or hang)"))
+def test_frozen_input_with_idle_rank(tmp_path_factory):
+    """Input without grad (frozen embeddings/attention below), forced routing: rank 1 receives no rows."""
+    try:
+        res = _run_world(2, [FROZEN], tmp_path_factory, timeout_s=90, final_barrier=False)
+    except RuntimeError as e:  # today: rank 1 skips a backward all-to-all and exits, rank 0 fails in it
+        if not ("backward" in str(e) and "all_to_all" in str(e)):
+            raise AssertionError(f"failed for another reason than the known bug:\n{e}") from e
+        raise
+    _check_matches_reference(res[FROZEN.name])
