@@ -4,6 +4,7 @@
     coe-dist preprocess --input FILES --tokenizer TOKENIZER --output PREFIX [--fields question,answer]
     coe-dist eval --checkpoint RUN_OR_CHECKPOINT_DIR
     coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
+    coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR
 
 Exit codes: 0 success, 1 runtime error (data, launch, I/O), 2 bad configuration or arguments.
 User errors print one line; `--debug` adds the traceback.
@@ -18,14 +19,9 @@ import sys
 import traceback
 
 from coe_dist.config import ConfigError, check_world, load_config
-from coe_dist.launcher import LaunchError
-from coe_dist.train.checkpoint import CheckpointError
+from coe_dist.errors import UserError
 
 EXIT_RUNTIME, EXIT_CONFIG = 1, 2
-
-
-class UserError(RuntimeError):
-    """A runtime problem the user can fix (missing file, bad data, bad launch): no traceback."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -80,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     from coe_dist.data import preprocess
-    from coe_dist.train import inference
+    from coe_dist.train import convert, inference
 
     preprocess.register_cli(sub)
     inference.register_cli(sub)
+    convert.register_cli(sub)
     return parser
 
 
@@ -97,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         return _fail(args, f"config error: {e}", EXIT_CONFIG)
-    except (UserError, LaunchError, CheckpointError, FileNotFoundError, PermissionError) as e:
+    except (UserError, FileNotFoundError, PermissionError) as e:
         return _fail(args, f"error: {e}", EXIT_RUNTIME)
-    except ValueError as e:
-        if type(e).__name__ == "DataError":
-            return _fail(args, f"data error: {e}", EXIT_RUNTIME)
-        raise
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -101,6 +101,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 | fp32
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
+    init_from: str | None = None  # reference-layout CoE weights to start from (`coe-dist convert export`)
 
 
 @dataclass(kw_only=True)

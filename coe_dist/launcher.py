@@ -27,6 +27,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from coe_dist.errors import UserError
+
 DEFAULT_PORT = 29500
 BACKENDS = ("nccl", "gloo")
 
@@ -38,7 +40,7 @@ MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MV2
 TORCHRUN_MARKERS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launcher's environment is incomplete or malformed. The message names the variable and the fix."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
 from coe_dist.model import CoETransformer
 
@@ -34,7 +35,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupted; the message names the file."""
 
 

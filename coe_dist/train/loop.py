@@ -93,8 +93,13 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
 
     run_dir = Path(cfg.log.run_dir)
     data = build_data(cfg, dp_rank=penv.rank, dp_size=penv.world_size, barrier=dist.barrier)
-    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed).to(device)
-    engine = build_engine(model, cfg, penv.world_size)
+    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+    if cfg.train.init_from:
+        from coe_dist.train.convert import import_reference
+
+        n = import_reference(model, cfg.moe, Path(cfg.train.init_from))
+        say(penv, f"coe-dist: CoE weights of {n} layers from {cfg.train.init_from}")
+    engine = build_engine(model.to(device), cfg, penv.world_size)
     start_step = _maybe_resume(resume, run_dir, model, engine, data, penv)
     logger = MetricsLogger(run_dir, enabled=penv.rank == 0, tensorboard=cfg.log.tensorboard)
     if penv.rank == 0:
