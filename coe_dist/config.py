@@ -77,7 +77,8 @@ class DataConfig:
     dataset: str = "embedded"  # embedded | path prefix of a megatron indexed dataset
     tokenizer: str = "byte"  # byte | path to a HF tokenizer.json
     num_documents: int = 4000  # size of the embedded corpus
-    valid_fraction: float = 0.05
+    valid_fraction: float = 0.05  # held out of data.dataset, unless data.valid_dataset is given
+    valid_dataset: str | None = None  # a separate held-out prefix (e.g. GSM8K test)
     cache_dir: str = ".cache/coe-dist"
 
 
@@ -102,6 +103,8 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     init_from: str | None = None  # reference-layout CoE weights to start from (`coe-dist convert export`)
+    nan_policy: str = "stop"  # non-finite loss or gradients: stop (save the last good state, exit 1) | skip
+    max_consecutive_nan: int = 5  # skip: stop after this many skipped steps in a row
 
 
 @dataclass(kw_only=True)
@@ -114,6 +117,8 @@ class LogConfig:
     keep_last: int = 2
     tensorboard: bool = True
     sample_log: bool = False  # each rank appends the dataset indices it consumed to <run_dir>/samples/
+    collapse_share: float = 0.5  # warn when one expert gets more than this share of a (layer, iteration)'s tokens
+    collapse_steps: int = 5  # ... on this many logging steps in a row
 
 
 @dataclass(kw_only=True)
@@ -324,12 +329,21 @@ def validate(cfg: RunConfig) -> None:
            f"train.seq_len={t.seq_len} > model.max_seq_len={m.max_seq_len}: raise max_seq_len or shorten seq_len")
     _choice("train", t, "dtype", ("bf16", "fp32"))
     _choice("train", t, "device", ("auto", "cpu", "cuda"))
+    _choice("train", t, "nan_policy", ("stop", "skip"))
+    _check(t.max_consecutive_nan >= 1, f"train.max_consecutive_nan={t.max_consecutive_nan}: must be >= 1")
+    # Skipping needs DeepSpeed's ZeRO 1/2 optimizer, which leaves out an update whose gradient norm is not finite.
+    _check(t.nan_policy == "stop" or p.zero_stage in (1, 2),
+           f"train.nan_policy=skip with parallel.zero_stage={p.zero_stage}: skipping a step needs ZeRO stage 1 "
+           "or 2; use parallel.zero_stage=2 or train.nan_policy=stop")
 
     lg = cfg.log
     _positive("log", lg, "log_interval", "eval_interval", "keep_last")
     _check(lg.eval_batches >= 0, f"log.eval_batches={lg.eval_batches}: must be >= 0")
     _check(lg.save_interval >= 0, f"log.save_interval={lg.save_interval}: must be >= 0 (0 = only at the end)")
     _check(bool(lg.run_dir), "log.run_dir is empty: give a directory for logs and checkpoints")
+    _check(0 < lg.collapse_share <= 1,
+           f"log.collapse_share={lg.collapse_share}: must be in (0, 1] (a share of tokens; 1 = never warn)")
+    _check(lg.collapse_steps >= 1, f"log.collapse_steps={lg.collapse_steps}: must be >= 1 (logging steps in a row)")
 
 
 def check_world(cfg: RunConfig, world_size: int) -> int:

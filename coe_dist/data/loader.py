@@ -167,14 +167,14 @@ def _split_sizes(cfg: RunConfig, infos: list[IndexedInfo], weighted: bool) -> li
 
 
 def _build_splits(cfg: RunConfig, tokenizer: Tokenizer, infos: list[IndexedInfo],
-                  weights: list[float] | None) -> tuple:
+                  weights: list[float] | None, split: str | None = None) -> tuple:
     Builder, GPTDataset, GPTDatasetConfig = _megatron_classes()
     cache = os.path.join(cfg.data.cache_dir, "megatron-indices")
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.train.seq_len,
         blend=([os.path.abspath(i.prefix) for i in infos], weights),
-        split=_split_string(cfg.data.valid_fraction),
+        split=split or _split_string(cfg.data.valid_fraction),
         path_to_cache=cache,  # never None: see the module docstring
         tokenizer=tokenizer,  # megatron reads vocab_size, eod and unique_identifiers (its cache key)
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
@@ -303,9 +303,17 @@ def build_data(cfg: RunConfig, *, dp_rank: int, dp_size: int,
     prefixes, weights = parse_blend(cfg.data.dataset)
     prefixes = _resolve_prefixes(cfg, tokenizer, prefixes, dp_rank, barrier)
     infos = _check_prefixes(cfg, tokenizer, prefixes)
-    train, valid = _build_splits(cfg, tokenizer, infos, weights)
+    if cfg.data.valid_dataset:
+        # A separate held-out set (e.g. GSM8K test): every document of data.dataset trains.
+        train, _ = _build_splits(cfg, tokenizer, infos, weights, split="1,0,0")
+        valid_prefixes = _resolve_prefixes(cfg, tokenizer, [cfg.data.valid_dataset], dp_rank, barrier)
+        valid_infos = _check_prefixes(cfg, tokenizer, valid_prefixes)
+        _, valid = _build_splits(cfg, tokenizer, valid_infos, None, split="0,1,0")
+    else:
+        valid_infos = infos
+        train, valid = _build_splits(cfg, tokenizer, infos, weights)
     _check_split(train, "train", cfg, infos)
-    _check_split(valid, "valid", cfg, infos)
+    _check_split(valid, "valid", cfg, valid_infos)
     stream = TrainBatches(train, micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                           dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed,
                           fingerprint=train.unique_description_hash)

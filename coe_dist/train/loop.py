@@ -9,6 +9,11 @@ Launch (see launch/ and slurm/ for the scripts):
     torchrun --nproc_per_node=2 -m coe_dist.train --config configs/tiny.yaml --set moe.ep_size=2
 SIGTERM or SIGUSR1 (Slurm's warning before a time limit) saves a checkpoint at the end of the current
 step and exits; `--resume auto` continues from the newest complete checkpoint, on any layout.
+
+Reliability (docs/reliability.md): a restarted job (torchrun --max-restarts, Slurm requeue) resumes from the
+newest complete checkpoint by itself; a collective that times out or loses a peer becomes a one-line error
+naming the operation, the step and the silent rank; non-finite loss or gradients stop the run with the last
+good state saved, or skip the step (train.nan_policy); router collapse is warned about.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -25,10 +32,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from coe_dist import faults
 from coe_dist.config import RunConfig, check_world
+from coe_dist.errors import UserError
+from coe_dist.faults import fault_point
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
-from coe_dist.train import checkpoint
+from coe_dist.train import checkpoint, guards
 from coe_dist.train.metrics import MetricsLogger
 from coe_dist.train.moe_metrics import CommDelta, routing_metrics, start_recording
 from coe_dist.train.run_info import write_run_info
@@ -43,6 +53,19 @@ class TrainResult:
     tokens_per_s: float = 0.0
     start_step: int = 0
     stopped_by_signal: int = 0
+    skipped_steps: list[int] = field(default_factory=list)  # steps whose update was left out (nan_policy=skip)
+
+
+class RunDirError(UserError, OSError):
+    """log.run_dir cannot be created or written."""
+
+
+@dataclass
+class Where:
+    """What the loop is doing, for the error message when a collective fails."""
+
+    phase: str = "start-up (data, model, engine)"
+    step: int = 0
 
 
 class StopSignal:
@@ -80,6 +103,9 @@ def autocast(cfg: RunConfig, device: torch.device):
 def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None = None) -> TrainResult:
     penv = penv or discover()
     dp_size = check_world(cfg, penv.world_size)  # before any collective
+    faults.check_spec()
+    run_dir = Path(cfg.log.run_dir)
+    check_run_dir(run_dir)
     device = pick_device(cfg.train.device, penv.local_rank)
     backend = pick_backend(cfg.parallel.backend, device.type)
     stop = StopSignal()
@@ -87,108 +113,273 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
     say(penv, f"coe-dist: launcher={penv.source} world={penv.world_size} ep={cfg.moe.ep_size} "
               f"expert-dp={dp_size} backend={backend} device={device} dtype={cfg.train.dtype} "
               f"zero={cfg.parallel.zero_stage}")
-
-    from coe_dist.data.loader import build_data
-    from coe_dist.train.engine import build_engine
-
-    run_dir = Path(cfg.log.run_dir)
-    data = build_data(cfg, dp_rank=penv.rank, dp_size=penv.world_size, barrier=dist.barrier)
-    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
-    if cfg.train.init_from:
-        from coe_dist.train.convert import import_reference
-
-        n = import_reference(model, cfg.moe, Path(cfg.train.init_from))
-        say(penv, f"coe-dist: CoE weights of {n} layers from {cfg.train.init_from}")
-    engine = build_engine(model.to(device), cfg, penv.world_size)
-    start_step = _maybe_resume(resume, run_dir, model, engine, data, penv)
-    logger = MetricsLogger(run_dir, enabled=penv.rank == 0, tensorboard=cfg.log.tensorboard)
-    if penv.rank == 0:
-        write_run_info(run_dir, cfg, penv, backend, model)
-    params = model.num_params()
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * penv.world_size
-    say(penv, f"coe-dist: {params['total_local']:,} parameters on rank 0 ({params['expert_local']:,} in its "
-              f"experts); steps {start_step + 1}..{cfg.train.steps} of {global_batch} x {cfg.train.seq_len} tokens")
+    heartbeat = guards.Heartbeat(penv.rank, penv.world_size, faults.restart_count())
+    where = Where()
+    logger = None
     try:
-        return _run(cfg, penv, engine, model, data, logger, device, start_step, stop)
+        from coe_dist.data.loader import build_data
+        from coe_dist.train.engine import build_engine
+
+        data = build_data(cfg, dp_rank=penv.rank, dp_size=penv.world_size, barrier=dist.barrier)
+        model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+        if cfg.train.init_from:
+            from coe_dist.train.convert import import_reference
+
+            n = import_reference(model, cfg.moe, Path(cfg.train.init_from))
+            say(penv, f"coe-dist: CoE weights of {n} layers from {cfg.train.init_from}")
+        engine = build_engine(model.to(device), cfg, penv.world_size)
+        # DeepSpeed made the expert groups without a timeout (torch's default: 30 minutes): give them ours.
+        guards.set_group_timeouts(cfg.parallel.timeout_s)
+        guard = guards.NonFiniteGuard(cfg.train.nan_policy, cfg.train.max_consecutive_nan)
+        where.phase = "resume (checkpoint load)"
+        start_step = _maybe_resume(resume, run_dir, model, engine, data, penv, guard)
+        logger = MetricsLogger(run_dir, enabled=penv.rank == 0, tensorboard=cfg.log.tensorboard)
+        if penv.rank == 0:
+            write_run_info(run_dir, cfg, penv, backend, model)
+        params = model.num_params()
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * penv.world_size
+        say(penv, f"coe-dist: {params['total_local']:,} parameters on rank 0 ({params['expert_local']:,} in its "
+                  f"experts); steps {start_step + 1}..{cfg.train.steps} of {global_batch} x {cfg.train.seq_len} "
+                  "tokens")
+        return _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard, heartbeat, where)
+    except Exception as e:
+        err = guards.collective_failure(e, where.phase, where.step, penv.rank, cfg.parallel.timeout_s, heartbeat)
+        if err is None:
+            raise
+        guards.exit_without_teardown(1)
+        raise err from e
     finally:
-        logger.close()
+        faults.set_step(None)
+        if logger is not None:
+            logger.close()
 
 
-def _maybe_resume(resume, run_dir, model, engine, data, penv) -> int:
-    if not resume or resume == "none":
-        return 0
-    path = (checkpoint.find_resumable(run_dir, warn=lambda m: say(penv, m)) if resume == "auto"
-            else Path(resume))
+def check_run_dir(run_dir: Path) -> None:
+    """Fail before any process group or data work when the run directory cannot be written."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"log.run_dir={str(run_dir)!r} cannot be written ({e.strerror or e}): choose a writable "
+                          "directory with --set log.run_dir=PATH") from None
+
+
+def _restarted(penv: ProcessEnv) -> int:
+    n = faults.restart_count()
+    if n:
+        say(penv, f"coe-dist: restart {n} of this job (TORCHELASTIC_RESTART_COUNT/SLURM_RESTART_COUNT): "
+                  "resuming from the newest complete checkpoint")
+    return n
+
+
+def _maybe_resume(resume, run_dir, model, engine, data, penv, guard) -> int:
+    restarted = _restarted(penv)
+    path = None
+    if restarted:  # a restart always continues where the job got to, whatever --resume said
+        path = checkpoint.find_resumable(run_dir, warn=lambda m: say(penv, m))
+        if path is None and resume not in (None, "none", "auto"):
+            path = Path(resume)
+        _refuse_to_repeat_a_stop(run_dir, path)
+    else:
+        if penv.rank == 0:  # started by hand: a stop the user has seen no longer holds back restarts
+            (run_dir / STOPPED).unlink(missing_ok=True)
+        if resume and resume != "none":
+            path = (checkpoint.find_resumable(run_dir, warn=lambda m: say(penv, m)) if resume == "auto"
+                    else Path(resume))
     if path is None:
-        say(penv, f"coe-dist: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        if resume or restarted:
+            say(penv, f"coe-dist: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         return 0
     meta = checkpoint.load(path, model, engine)
     data.train.load_state_dict(meta["data"])
+    guard.skipped_total = int(meta.get("skipped_steps", 0))
     say(penv, f"coe-dist: resumed from {path} (step {meta['step']}, saved at world {meta['world_size']} "
               f"ep {meta['ep_size']})")
     return int(meta["step"])
 
 
-def _save(cfg, run_dir, step, model, engine, data, penv) -> None:
-    extra = {"optimizer_step": step, "data": data.train.state_dict(), "config": cfg.to_dict()}
+STOPPED = "stopped.json"  # <run_dir>/stopped.json: why and where the last attempt stopped on bad numerics
+
+
+def _refuse_to_repeat_a_stop(run_dir: Path, path: Path | None) -> None:
+    """A restart would replay the same batches into the same non-finite loss: do not burn the restarts on it."""
+    record = run_dir / STOPPED
+    if not record.is_file():
+        return
+    info = json.loads(record.read_text())
+    resume_step = int(json.loads((path / "meta.json").read_text())["step"]) if path else 0
+    if info.get("step", 0) > resume_step:
+        reason = info.get("reason", "non-finite numbers")
+        raise guards.NumericsError(f"not restarting automatically: the run stopped at step {info['step']} on "
+                                   f"{reason}, which a restart would repeat; change the config and resume by "
+                                   f"hand with --resume auto (or delete {record})")
+
+
+def _save(cfg, run_dir, step, model, engine, data, penv, guard, skipped=None, **more) -> Path:
+    skipped = guard.skipped_total if skipped is None else skipped
+    extra = {"optimizer_step": step - skipped, "skipped_steps": skipped, "data": data.train.state_dict(),
+             "config": cfg.to_dict(), **more}
     extra["config"]["optim"]["betas"] = list(extra["config"]["optim"]["betas"])
-    path = checkpoint.save(run_dir, step, model, engine, extra, cfg.log.keep_last)
+    try:
+        path = checkpoint.save(run_dir, step, model, engine, extra, cfg.log.keep_last)
+    except OSError as e:  # disk full, quota, I/O error: leave nothing that looks like a checkpoint
+        root = run_dir / "checkpoints"
+        for tmp in root.glob(f".tmp-step_{step}-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint.CheckpointError(
+            f"could not write checkpoint step_{step} in {root}: {e.strerror or e}"
+            f"{' (' + str(e.filename) + ')' if e.filename else ''}; removed the partial copy, the previous "
+            "checkpoints are intact: free space (or point log.run_dir elsewhere) and resume with --resume auto"
+        ) from None
     say(penv, f"coe-dist: saved checkpoint {path}")
+    return path
 
 
 def _is_log_step(cfg: RunConfig, step: int) -> bool:
     return step % cfg.log.log_interval == 0 or step == cfg.train.steps
 
 
-def _run(cfg, penv, engine, model, data, logger, device, start_step, stop) -> TrainResult:
+class _GradScale(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient (fault injection: finite loss, non-finite grads)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard, heartbeat, where) -> TrainResult:
     result = TrainResult(start_step=start_step)
     t, run_dir = cfg.train, Path(cfg.log.run_dir)
     tokens_per_step = t.micro_batch_size * t.grad_accum * penv.world_size * t.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     comm_delta = CommDelta()
+    collapse = guards.CollapseWatch(cfg.log.collapse_share, cfg.log.collapse_steps, cfg.moe.top_k)
     sample_log = SampleLog(run_dir, penv.rank) if cfg.log.sample_log else None
+    # ZeRO 1/2 leave out an update whose gradient norm is not finite (engine.was_step_applied() says so);
+    # a step to skip gets a nan gradient on purpose, on every rank, so that DeepSpeed's own path drops it.
+    ds_skips = cfg.parallel.zero_stage in (1, 2)
     step = start_step
     while step < t.steps:
-        sums = torch.zeros(3, dtype=torch.float64)  # lm, aux summed over micro-steps; stop flag
+        where.step = step + 1
+        faults.set_step(step + 1)
+        fault_point("train.step", step + 1)
+        heartbeat.beat(step + 1)
+        data_state = data.train.state_dict()  # to save the last good state if this step goes bad
+        # lm, aux summed over micro-steps; stop flag; ranks whose loss is not finite
+        sums = torch.zeros(4, dtype=torch.float64)
         consumed: list[int] = []
+        applied = True
         for micro in range(t.grad_accum):
+            where.phase = "forward (expert all-to-all)"
             start_recording(model, _is_log_step(cfg, step + 1) and micro == t.grad_accum - 1)
             tokens_BL, targets_BL, positions = data.train.next_micro_batch()
             consumed += [data.train.dataset_index(p) for p in positions]
             with autocast(cfg, device):
                 out = engine(tokens_BL.to(device), targets_BL.to(device))
-            engine.backward(out.loss)
+            loss, lm_loss = out.loss, out.lm_loss
+            injected = fault_point("train.loss", step + 1)
+            if injected in ("nan", "inf"):
+                loss, lm_loss = loss * float(injected), lm_loss * float(injected)
+            if fault_point("train.grad", step + 1) == "inf":
+                loss = _GradScale.apply(loss, math.inf)
+            sums[:2] += torch.stack([lm_loss.detach(), out.aux_loss.detach()]).double().cpu()
+            if micro == t.grad_accum - 1:
+                # Global-batch means, whether any rank was asked to stop, and whether any rank's loss is not
+                # finite: one small collective per step, before the last backward so a bad step can be dropped.
+                sums[2] = stop.signum
+                sums[3] = float(not bool(torch.isfinite(sums[:2]).all()))
+                where.phase = "step all-reduce (loss, stop flag)"
+                if penv.world_size > 1:
+                    dist.all_reduce(sums)
+                if sums[3] > 0:
+                    if not ds_skips:  # ZeRO 0/3 would apply it: stop before the update (nan_policy is stop)
+                        applied = False
+                        break
+                    loss = loss * math.nan
+            where.phase = "backward (expert all-to-all, ZeRO gradient reduction)"
+            engine.backward(loss)
+            where.phase = "optimizer step (ZeRO)"
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            sums[:2] += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double().cpu()
-        sums[2] = stop.signum
-        # Global-batch means, and whether any rank was asked to stop: one small collective per step.
-        if penv.world_size > 1:
-            dist.all_reduce(sums)
+            if micro == t.grad_accum - 1 and ds_skips:
+                applied = engine.was_step_applied()
+        loss_bad = bool(sums[3] > 0)
+        if loss_bad and applied:
+            raise RuntimeError(f"step {step + 1}: DeepSpeed applied an update with a non-finite loss; is "
+                               "zero_optimization.compute_grad_norm false in parallel.deepspeed_config?")
         lm, aux = (sums[:2] / (t.grad_accum * penv.world_size)).tolist()
         step += 1
+        action = guard.record(step, not applied)
         result.losses.append(lm)
         result.aux_losses.append(aux)
         if sample_log:
             sample_log.write(step, consumed)
         window_tokens += tokens_per_step
+        if action != "ok":
+            result.skipped_steps.append(step)
+            what = (f"non-finite loss (lm {lm:g}, aux {aux:g}) on {int(sums[3])} of {penv.world_size} ranks"
+                    if loss_bad else "non-finite gradient norm (loss finite)")
+            logger.scalars(step, {"skipped_steps": guard.skipped_total, "skipped": 1.0})
+            if action == "stop":
+                _stop_on_numerics(cfg, run_dir, step, what, model, engine, data, data_state, penv, guard, where)
+            say(penv, f"coe-dist: step {step}: {what}: update skipped ({len(guard.streak)} in a row, "
+                      f"{guard.skipped_total} in all; stops after {t.max_consecutive_nan} in a row)")
         if _is_log_step(cfg, step):
+            where.phase = "logging (routing-metrics all-reduce)"
             result.tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-            _log_step(cfg, penv, engine, model, logger, step, lm, aux, result.tokens_per_s, comm_delta)
+            _log_step(cfg, penv, engine, model, logger, step, lm, aux, result.tokens_per_s, comm_delta, collapse,
+                      guard)
             start_recording(model, False)
             window_start, window_tokens = time.perf_counter(), 0
         if cfg.log.eval_batches and (step % cfg.log.eval_interval == 0 or step == t.steps):
+            where.phase = "validation (loss all-reduce)"
             result.valid[step] = _validate(cfg, penv, engine, data, logger, device, step)
         if sums[2] > 0 or step == t.steps or (cfg.log.save_interval and step % cfg.log.save_interval == 0):
-            _save(cfg, run_dir, step, model, engine, data, penv)
+            where.phase = "checkpoint save"
+            _save(cfg, run_dir, step, model, engine, data, penv, guard)
         if sums[2] > 0:
             result.stopped_by_signal = int(stop.signum or signal.SIGTERM)
             say(penv, f"coe-dist: stopped by signal at step {step}; resume with --resume auto")
             break
+    where.phase = "shutdown"
     result.comm = _comm_summary(model)
     say(penv, format_comm_summary(result.comm))
     if result.stopped_by_signal:
         sys.exit(128 + result.stopped_by_signal)
     return result
+
+
+def _stop_on_numerics(cfg, run_dir, step, what, model, engine, data, data_state, penv, guard, where) -> None:
+    """Save the last good state and raise NumericsError naming the step(s)."""
+    where.phase = "checkpoint save (after non-finite numbers)"
+    streak = guard.streak
+    if cfg.train.nan_policy == "stop":
+        # The update of this step was left out: the weights are those after step - 1. Save exactly that state,
+        # data position included, so that a resume replays this step (after the config is fixed).
+        data.train.load_state_dict(data_state)
+        good, skipped = step - 1, guard.skipped_total - 1
+        reason = f"{what} at step {step}"
+    else:  # skip: the skipped steps are done (their updates left out); save the state after them
+        good, skipped = step, guard.skipped_total
+        reason = f"{what}; {len(streak)} steps in a row skipped ({streak[0]}..{streak[-1]})"
+    existing = run_dir / "checkpoints" / f"step_{good}"
+    if (existing / "meta.json").is_file() and cfg.train.nan_policy == "stop":
+        path = existing  # saved at the end of the last good step already: leave it as it is
+    else:
+        path = _save(cfg, run_dir, good, model, engine, data, penv, guard, skipped=skipped,
+                     stopped={"step": step, "reason": reason})
+    if penv.rank == 0:
+        (run_dir / STOPPED).write_text(json.dumps({"step": step, "reason": reason, "checkpoint": str(path)}))
+    fix = ("lower optim.lr, check the data of this step, or set train.nan_policy=skip"
+           if cfg.train.nan_policy == "stop" else "lower optim.lr or check the data")
+    raise guards.NumericsError(f"stopped at step {step}: {reason}; the last good state (after step {good}) is in "
+                        f"{path}: {fix}, then resume with --resume auto")
 
 
 class SampleLog:
@@ -202,16 +393,30 @@ class SampleLog:
         self.file.write(json.dumps({"step": step, "samples": indices}) + "\n")
 
 
-def _log_step(cfg, penv, engine, model, logger, step, lm, aux, tokens_per_s, comm_delta) -> None:
+def _log_step(cfg, penv, engine, model, logger, step, lm, aux, tokens_per_s, comm_delta, collapse, guard) -> None:
     lr = engine.get_lr()[0]
     grad_norm = float(engine.get_global_grad_norm() or 0.0)
     moe_scalars, hists = routing_metrics(model, penv.world_size)  # collective: every rank logs this step
+    collapse_scalars, warnings = collapse.update(step, hists)
     logger.scalars(step, {"loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_s, **moe_scalars, **comm_delta(model)})
+                          "tokens_per_s": tokens_per_s, "skipped_steps": guard.skipped_total,
+                          "peak_memory_mib": peak_memory_mib(engine.device), **moe_scalars,
+                          **collapse_scalars, **comm_delta(model)})
     for tag, counts in hists.items():
         logger.histogram(step, tag, counts)
     say(penv, f"step {step:>6}/{cfg.train.steps}  loss {lm:.4f}  aux {aux:.5f}  lr {lr:.2e}  "
               f"grad {grad_norm:.3f}  {tokens_per_s:,.0f} tok/s")
+    for warning in warnings:
+        say(penv, warning)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA max_memory_allocated, or peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 @torch.no_grad()
