@@ -5,6 +5,7 @@
     coe-dist eval --checkpoint RUN_OR_CHECKPOINT_DIR
     coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
     coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR
+    coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--dry-run] [--wait] | status JOBID | cancel JOBID
 
 Exit codes: 0 success, 1 runtime error (data, launch, I/O), 2 bad configuration or arguments.
 User errors print one line; `--debug` adds the traceback.
@@ -75,12 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
+    from coe_dist import slurm
     from coe_dist.data import preprocess
     from coe_dist.train import convert, inference
 
     preprocess.register_cli(sub)
     inference.register_cli(sub)
     convert.register_cli(sub)
+    slurm.register_cli(sub)
     return parser
 
 

@@ -156,6 +156,11 @@ def test_submit_wait_trains(cluster: dict[str, str], tmp_path: Path) -> None:
     logged = [m["lm_loss"] for m in metrics if "lm_loss" in m]
     assert len(logged) == 8 and all(abs(a - b) < 6e-5 for a, b in zip(losses, logged, strict=True))
     assert list((run_dir / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("lm_loss")] == list(range(1, 9))
     assert _checkpoint(run_dir)[0] == 8
     assert list(run_dir.glob("slurm-*.sbatch")), "the rendered script is kept in the run dir"
 
@@ -167,7 +172,7 @@ def test_submit_wait_trains(cluster: dict[str, str], tmp_path: Path) -> None:
 def test_cancel_leaves_checkpoint_and_resubmission_resumes(cluster: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     common = ["--config", "configs/tiny.yaml", "--nodes", "1", "--procs-per-node", "2", "--time", "15",
-              "--set", "train.steps=24", *TINY, "--set", f"log.run_dir={run_dir}"]
+              "--set", "train.steps=30", *TINY, "--set", f"log.run_dir={run_dir}"]
     out = coe_slurm(cluster, "submit", *common)
     assert out.returncode == 0, out.stderr
     job = _job_id(out.stdout)
@@ -176,7 +181,7 @@ def test_cancel_leaves_checkpoint_and_resubmission_resumes(cluster: dict[str, st
     assert cancel.returncode == 0, cancel.stderr
     assert _final(cluster, job, 120)["JobState"] == "CANCELLED"
     step, path = _checkpoint(run_dir)  # saved on SIGTERM, complete and verified
-    assert 2 <= step < 24, f"checkpoint at step {step}"
+    assert 2 <= step < 30, f"checkpoint at step {step}"
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert "stopped by signal" in log
 
@@ -187,8 +192,8 @@ def test_cancel_leaves_checkpoint_and_resubmission_resumes(cluster: dict[str, st
     assert "launcher=slurm world=2" in log
     assert f"resumed from {path} (step {step}" in log
     steps = [int(s) for s, _, _ in STEP_RE.findall(log)]
-    assert steps == list(range(step + 1, 25)), steps
-    assert _checkpoint(run_dir)[0] == 24
+    assert steps == list(range(step + 1, 31)), steps
+    assert _checkpoint(run_dir)[0] == 30
 
 
 def test_time_limit_signal_checkpoints_and_requeues(cluster: dict[str, str], tmp_path: Path) -> None:

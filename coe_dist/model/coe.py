@@ -15,6 +15,7 @@ import hashlib
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from coe_dist.config import MoEConfig, validate_moe
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
@@ -95,7 +96,13 @@ class CoELayer(nn.Module):
             aux = aux + self._router_loss(routing, B)
             if self.record_routing:
                 chain.append(self._record(routing, t))
-            y_TD = self._routed_experts(h_TD, routing, t)
+            if cfg.recompute and torch.is_grad_enabled():
+                # Keep only h and the routing of this iteration; the dispatch, experts and combine run
+                # again in backward (their all-to-alls too, in the same order on every rank).
+                y_TD = checkpoint(self._routed_experts_raw, h_TD, routing.weights_TK, routing.experts_TK, t,
+                                  use_reentrant=False)
+            else:
+                y_TD = self._routed_experts_raw(h_TD, routing.weights_TK, routing.experts_TK, t)
             if self.shared_experts is not None:
                 y_TD = y_TD + self.shared_experts(h_TD)
             h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
@@ -113,11 +120,12 @@ class CoELayer(nn.Module):
         self.routing_record[f"iter{iteration}/entropy"] = float(entropy)
         return routing.experts_TK.sort(dim=-1).values
 
-    def _routed_experts(self, h_TD: torch.Tensor, routing: Routing, iteration: int) -> torch.Tensor:
-        """route -> permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum."""
-        x_XD, state = self.dispatcher.dispatch(h_TD, routing.experts_TK, iteration, _compute_dtype(h_TD))
+    def _routed_experts_raw(self, h_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
+                            iteration: int) -> torch.Tensor:
+        """permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum."""
+        x_XD, state = self.dispatcher.dispatch(h_TD, experts_TK, iteration, _compute_dtype(h_TD))
         y_XD = self.experts(x_XD, state.counts_E)
-        return self.dispatcher.combine(y_XD, state, routing.weights_TK)
+        return self.dispatcher.combine(y_XD, state, weights_TK)
 
     def _router_loss(self, routing: Routing, batch: int) -> torch.Tensor:
         cfg = self.config

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coe_dist.config import ModelConfig, MoEConfig
+from coe_dist.kernels import rms_norm
 from coe_dist.model.coe import CoELayer
 from coe_dist.model.experts import SwiGLU
 
@@ -27,9 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (or wider) whatever the autocast dtype: the CoE chain runs on this output.
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)) * self.weight
+        # In float32 (or wider) whatever the autocast dtype: the CoE chain runs on this output.
+        # apex's fused kernel where it runs (CUDA), else the same formula in torch: coe_dist/kernels.py.
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

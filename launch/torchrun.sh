@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Train with torchrun: one agent per node starts --nproc trainer processes.
+#
+#   launch/torchrun.sh CONFIG [options] [--set section.key=value ...] [trainer args ...]
+#
+# One node:
+#   launch/torchrun.sh configs/tiny.yaml --nproc 2 --set train.steps=50
+# Several nodes, c10d rendezvous (run the same command on every node; ranks are assigned at
+# rendezvous, the agent on the endpoint's host serves it; nodes may join in any order):
+#   launch/torchrun.sh configs/tiny.yaml --nnodes 2 --nproc 8 --rdzv-endpoint node01:29400 --rdzv-id run42
+# Several nodes, fixed ranks (each node passes its own --node-rank; rank 0's host is the endpoint):
+#   launch/torchrun.sh configs/tiny.yaml --nnodes 2 --node-rank 1 --nproc 8 --rdzv-endpoint node01:29400
+#
+# Options:
+#   --nproc P               trainer processes on this node (default: visible GPUs, else 1)
+#   --nnodes N              nodes in the job (default 1)
+#   --node-rank R           this node's rank: static rendezvous instead of c10d
+#   --rdzv-endpoint H[:P]   the first node's address as every node reaches it; required with
+#                           --nnodes > 1 (there is no wildcard default). Port default 29400
+#   --rdzv-id ID            the job's name, the same on every node (default $SLURM_JOB_ID or coe-dist)
+#   --local-addr A          this node's address as the others reach it, where the host name
+#                           resolves to loopback (containers, network namespaces)
+#   --set K=V               config override, passed to the trainer (repeatable)
+#   --                      everything after goes to the trainer unchanged
+# Any other argument goes to the trainer too (e.g. --resume auto, --debug).
+# Environment: PYTHON (interpreter, default python3: activate the venv first),
+#   TORCHRUN_ARGS (extra torchrun options, split on spaces), GLOO_SOCKET_IFNAME /
+#   NCCL_SOCKET_IFNAME (the interface to use between nodes when it is not the default route's).
+set -euo pipefail
+
+usage() { sed -n '2,31p' "$0" >&2; exit "${1:-2}"; }
+die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
+
+[ $# -ge 1 ] || usage
+case $1 in -h|--help) usage 0 ;; -*) die "the first argument is the config file, got '$1'" ;; esac
+config=$1
+shift
+[ -f "$config" ] || die "config file '$config' does not exist: pass a YAML such as configs/tiny.yaml"
+
+PYTHON=${PYTHON:-python3}
+nproc='' nnodes=1 node_rank='' endpoint='' rdzv_id=${SLURM_JOB_ID:-coe-dist} local_addr=''
+trainer=()
+need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --nproc|--nproc-per-node) need "$@"; nproc=$2; shift 2 ;;
+    --nnodes) need "$@"; nnodes=$2; shift 2 ;;
+    --node-rank) need "$@"; node_rank=$2; shift 2 ;;
+    --rdzv-endpoint) need "$@"; endpoint=$2; shift 2 ;;
+    --rdzv-id) need "$@"; rdzv_id=$2; shift 2 ;;
+    --local-addr) need "$@"; local_addr=$2; shift 2 ;;
+    --set) need "$@"; trainer+=(--set "$2"); shift 2 ;;
+    --) shift; trainer+=("$@"); break ;;
+    -h|--help) usage 0 ;;
+    *) trainer+=("$1"); shift ;;
+  esac
+done
+
+if [ -z "$nproc" ]; then  # one process per GPU; CPU-only nodes get one (ask for more with --nproc)
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    nproc=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+  else
+    nproc=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  fi
+  [ "$nproc" -gt 0 ] 2>/dev/null || nproc=1
+fi
+for v in nproc nnodes; do
+  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "--$v=${!v}: expected a whole number >= 1"
+done
+[ -z "$node_rank" ] || [[ $node_rank =~ ^[0-9]+$ && $node_rank -lt $nnodes ]] ||
+  die "--node-rank=$node_rank: expected 0..$((nnodes - 1))"
+
+run=("$PYTHON" -m torch.distributed.run "--nproc-per-node=$nproc")
+if [ "$nnodes" -eq 1 ] && [ -z "$endpoint" ]; then
+  # c10d on 127.0.0.1 with a free port: several single-node jobs can share a machine.
+  run+=(--nnodes=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:0 "--rdzv-id=$rdzv_id")
+else
+  [ -n "$endpoint" ] || die "--nnodes=$nnodes needs --rdzv-endpoint HOST[:PORT], the first node's address"
+  host=${endpoint%:*} port=29400
+  [ "$host" != "$endpoint" ] && port=${endpoint##*:}
+  [[ $port =~ ^[0-9]+$ ]] || die "--rdzv-endpoint=$endpoint: the port '$port' is not a number"
+  if [ -n "$node_rank" ]; then
+    run+=("--nnodes=$nnodes" "--node-rank=$node_rank" "--master-addr=$host" "--master-port=$port")
+  else
+    run+=("--nnodes=$nnodes" --rdzv-backend=c10d "--rdzv-endpoint=$host:$port" "--rdzv-id=$rdzv_id")
+    # torchrun serves the rendezvous where the endpoint matches the host name's addresses; an
+    # address of a second interface (or of a network namespace) is missed: say so explicitly.
+    # (Loopback endpoints are left to torchrun: every agent there tries to serve, one wins.)
+    case $host in
+      127.*|localhost|::1) ;;
+      *) if [ "$host" = "$local_addr" ] || { hostname -I 2>/dev/null | tr ' ' '\n' | grep -qxF -- "$host"; }; then
+           run+=(--rdzv-conf=is_host=true)
+         fi ;;
+    esac
+  fi
+fi
+[ -z "$local_addr" ] || run+=("--local-addr=$local_addr")
+# Extra torchrun options are word-split on purpose: TORCHRUN_ARGS="--max-restarts=1 --log-dir=logs".
+# shellcheck disable=SC2206
+[ -z "${TORCHRUN_ARGS:-}" ] || run+=(${TORCHRUN_ARGS})
+
+# The agent forwards these to the trainers, which save a checkpoint and exit: SIGUSR1 is what
+# slurm/train.sbatch sends before the time limit. Give them time to finish the step and save.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+
+echo "launch/torchrun.sh: ${run[*]} -m coe_dist.train --config $config ${trainer[*]}" >&2
+exec "${run[@]}" -m coe_dist.train --config "$config" "${trainer[@]}"
