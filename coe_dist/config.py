@@ -62,6 +62,7 @@ class MoEConfig:
     capacity_factor: float | None = None  # None = dropless
     ep_size: int = 1  # expert-parallel degree P: each rank of a group holds N/P experts
     expert_impl: str = "grouped"  # grouped (torch._grouped_mm) | loop
+    recompute: bool = False  # recompute each iteration's expert path in backward (saves activation memory)
 
 
 @dataclass(kw_only=True)

@@ -265,13 +265,8 @@ def test_experts_with_no_tokens_at_all(dtype):
             assert w.grad is None or not w.grad.any()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG coe_dist/model/experts.py GroupedExperts._grouped: the backward of torch._grouped_mm (CPU) "
-    "rejects a stride-0 (expanded) output gradient, as produced by y.sum().backward(): "
-    "'Invalid strides/sizes, got [0, 0] for strides'. The loop path accepts it. Unreachable from "
-    "CoELayer today (unpermute's multiply by g materialises the gradient), but GroupedExperts is a "
-    "public module; fix: make the incoming gradient contiguous before the grouped backward."))
 def test_grouped_experts_backward_with_expanded_gradient():
+    """y.sum().backward() hands the grouped GEMM backward an expanded (stride-0) gradient."""
     grouped, loop = _expert_pair(torch.float32)
     counts = torch.tensor(COUNTS["all-busy"])
     x = torch.randn(int(counts.sum()), 32, generator=torch.Generator().manual_seed(1))

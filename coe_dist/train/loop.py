@@ -36,6 +36,7 @@ from coe_dist import faults
 from coe_dist.config import RunConfig, check_world
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
+from coe_dist.kernels import kernel_report
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint, guards
@@ -69,7 +70,9 @@ class Where:
 
 
 class StopSignal:
-    """Remembers a SIGTERM/SIGUSR1; the loop checks it (agreed over ranks) at each step boundary."""
+    """Remembers a SIGTERM/SIGUSR1; the loop checks it (agreed over ranks) at each step boundary.
+    A second SIGTERM ends the process at once: a rank blocked in a collective whose peer is gone would
+    otherwise outlive its launcher until the collective timeout."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -77,6 +80,9 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGTERM and self.signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.signum = signum
 
 
@@ -113,6 +119,8 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
     say(penv, f"coe-dist: launcher={penv.source} world={penv.world_size} ep={cfg.moe.ep_size} "
               f"expert-dp={dp_size} backend={backend} device={device} dtype={cfg.train.dtype} "
               f"zero={cfg.parallel.zero_stage}")
+    say(penv, f"coe-dist: {kernel_report()}")
+    _warn_shared_store(penv)
     heartbeat = guards.Heartbeat(penv.rank, penv.world_size, faults.restart_count())
     where = Where()
     logger = None
@@ -166,6 +174,16 @@ def check_run_dir(run_dir: Path) -> None:
                           "directory with --set log.run_dir=PATH") from None
 
 
+def _warn_shared_store(penv: ProcessEnv) -> None:
+    """torchrun's agent keeps its rendezvous store across restarts, and torch reads the last attempt's gloo/NCCL
+    addresses from it: the restarted job hangs in start-up (pytorch/pytorch#135712). Say how to avoid it."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts.isdigit() and int(restarts) > 0:
+        say(penv, "coe-dist: warning: torchrun --max-restarts with its shared rendezvous store: a restart can hang "
+                  "connecting to the last attempt's ranks (pytorch/pytorch#135712); export "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+
+
 def _restarted(penv: ProcessEnv) -> int:
     n = faults.restart_count()
     if n:
@@ -192,7 +210,14 @@ def _maybe_resume(resume, run_dir, model, engine, data, penv, guard) -> int:
         if resume or restarted:
             say(penv, f"coe-dist: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         return 0
-    meta = checkpoint.load(path, model, engine)
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(f"--resume {path}: no such checkpoint directory: give a "
+                                         "<run_dir>/checkpoints/step_N directory, or --resume auto")
+    try:
+        meta = checkpoint.load(path, model, engine)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"{e}: resume from another checkpoint, or with --resume auto (which "
+                                         "skips damaged ones)") from None
     data.train.load_state_dict(meta["data"])
     guard.skipped_total = int(meta.get("skipped_steps", 0))
     say(penv, f"coe-dist: resumed from {path} (step {meta['step']}, saved at world {meta['world_size']} "
@@ -355,6 +380,14 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
     return result
 
 
+def _same_position(ckpt: Path, data_state: dict) -> bool:
+    """A complete checkpoint of this run at this data position (not a stale one of an earlier run)."""
+    try:
+        return checkpoint.verify(ckpt).get("data") == data_state
+    except (checkpoint.CheckpointError, OSError, ValueError, KeyError):
+        return False
+
+
 def _stop_on_numerics(cfg, run_dir, step, what, model, engine, data, data_state, penv, guard, where) -> None:
     """Save the last good state and raise NumericsError naming the step(s)."""
     where.phase = "checkpoint save (after non-finite numbers)"
@@ -369,7 +402,7 @@ def _stop_on_numerics(cfg, run_dir, step, what, model, engine, data, data_state,
         good, skipped = step, guard.skipped_total
         reason = f"{what}; {len(streak)} steps in a row skipped ({streak[0]}..{streak[-1]})"
     existing = run_dir / "checkpoints" / f"step_{good}"
-    if (existing / "meta.json").is_file() and cfg.train.nan_policy == "stop":
+    if cfg.train.nan_policy == "stop" and _same_position(existing, data.train.state_dict()):
         path = existing  # saved at the end of the last good step already: leave it as it is
     else:
         path = _save(cfg, run_dir, good, model, engine, data, penv, guard, skipped=skipped,
