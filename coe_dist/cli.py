@@ -5,6 +5,7 @@
     coe-dist eval --checkpoint RUN_OR_CHECKPOINT_DIR
     coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
     coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR
+    coe-dist bench comm --nproc 2 --grid configs/bench/ci.yaml | bench project --profile PROFILE --gpus 8,64
     coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--dry-run] [--wait] | status JOBID | cancel JOBID
 
 Exit codes: 0 success, 1 runtime error (data, launch, I/O), 2 bad configuration or arguments.
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     from coe_dist import slurm
+    from coe_dist.bench import cli as bench_cli
     from coe_dist.data import preprocess
     from coe_dist.train import convert, inference
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     inference.register_cli(sub)
     convert.register_cli(sub)
     slurm.register_cli(sub)
+    bench_cli.register_cli(sub)
     return parser
 
 
