@@ -12,7 +12,9 @@ from coe_dist.cli import main
 from coe_dist.config import ConfigError, RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# Run configs (configs/bench holds bench grids and configs/profiles cluster profiles, not run configs).
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs/paper").glob("*.yaml"),
+                  *(ROOT / "configs/repro").glob("*.yaml")])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -13,4 +13,7 @@ code = main(["train", *sys.argv[1:]])
 logging.shutdown()
 sys.stdout.flush()
 sys.stderr.flush()
+mpi = sys.modules.get("mpi4py.MPI")
+if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    mpi.Finalize()  # mpirun counts a rank that exits without MPI_Finalize as an abnormal termination
 os._exit(code)
