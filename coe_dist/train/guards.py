@@ -152,8 +152,10 @@ class Heartbeat:
         return "; ".join(behind) + f" (this rank is at step {step}): stopped, dead or hung there"
 
 
-_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                  "connection refused", "peer", "gloo", "nccl", "socket")
+# What gloo, NCCL and the TCPStore say when a peer is gone or silent (not: any error that mentions a backend).
+_FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset", "closed by peer", "broken pipe",
+                  "connection refused", "read error", "write error", "socket", "remote process exited",
+                  "network error", "watchdog")
 
 
 def _operation(exc: BaseException) -> str | None:
@@ -171,7 +173,8 @@ def collective_failure(exc: BaseException, phase: str, step: int, rank: int, tim
     if isinstance(exc, UserError) or not isinstance(exc, RuntimeError):
         return None
     text = str(exc).strip()
-    if not any(w in text.lower() for w in _FAILURE_WORDS):
+    network = isinstance(exc, (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ())))
+    if not network and not any(w in text.lower() for w in _FAILURE_WORDS):
         return None
     op = _operation(exc)
     what = f"{op} in the {phase}" if op else f"a collective in the {phase}"
