@@ -1,0 +1,105 @@
+"""Helpers shared by the benchmarks: timing on a noisy machine, environment facts, JSON output.
+
+On a small shared CPU, absolute times drift by tens of percent between runs: measure the things to be
+compared in the same run, interleaved (round-robin), and quote medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], object], clock: str = "wall") -> float:
+    """Seconds of one call (CPU ops are synchronous). clock "wall" = elapsed time; "cpu" = CPU time of this
+    process (all threads), which on a shared machine excludes the time spent waiting for a core: with one
+    thread it is a contention-robust measure; with several it also counts spin-waits at barriers."""
+    now = CLOCKS[clock]
+    t0 = now()
+    fn()
+    return now() - t0
+
+
+def tune_glibc_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1) -> bool:
+    """Keep large blocks in the malloc heap instead of fresh mmap()s. By default glibc serves every block
+    over 32 MiB with mmap and unmaps it on free, so each large tensor (a [64, 704, 512] fp32 gradient, a
+    [T*K, d] fp32 buffer) pays page faults and kernel zeroing on every allocation, which costs several
+    times the copy it was allocated for. Process-wide; returns False where glibc's mallopt is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(
+            libc.mallopt(m_trim_threshold, trim_threshold))
+    except (OSError, AttributeError):
+        return False
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                repeats_of: dict[str, int] | None = None, clock: str = "wall") -> dict[str, list[float]]:
+    """Time each function `repeats` times after `warmup` untimed calls, round-robin so that drift in the
+    machine's speed hits all of them alike. `repeats_of` lowers the count (and warm-up to at most one)
+    for slow functions; their timed calls are spread evenly over the rounds."""
+    repeats_of = repeats_of or {}
+    rounds: dict[str, set[int]] = {}
+    for name, fn in fns.items():
+        n = min(repeats_of.get(name, repeats), repeats)
+        rounds[name] = {i * repeats // n for i in range(n)}
+        for _ in range(warmup if n == repeats else min(warmup, 1)):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if r in rounds[name]:
+                times[name].append(timed(fn, clock))
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    ts = sorted(times)
+    return {"median_s": statistics.median(ts), "min_s": ts[0], "max_s": ts[-1], "n": len(ts)}
+
+
+def environment() -> dict[str, object]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "loadavg_at_start": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
