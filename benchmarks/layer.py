@@ -10,8 +10,15 @@ For CoE-2(4/N) and MoE(8/N) (same FLOPs), in one run:
 
 FLOPs counted per iteration, forward: routed 2*T*K*3*d*f, shared 2*T*3*d*(S*f), router 2*T*d*N;
 backward = 2 x forward. Element-wise work, permutation and the weight casts are overhead, not FLOPs.
+Two tables: medians and bests (minimum) of the timed calls. "+ reuse_weight_casts" is our layer with one
+cast of the expert weights shared by the C iterations (`GroupedExperts.reuse_weight_casts()`).
+
+On a shared machine, 2 threads and wall-clock time can be slowed 10x and more by other processes (every
+op's OpenMP barrier waits for a descheduled thread): `--threads 1 --clock cpu` (process CPU time) is the
+contention-robust measurement. `--malloc-tuning` keeps big blocks in glibc's heap (see common.py).
 
     .venv/bin/python benchmarks/layer.py                    # full: T=4096, d=512, f=352, N=64, S=1
+    .venv/bin/python benchmarks/layer.py --threads 1 --clock cpu [--malloc-tuning]
     .venv/bin/python benchmarks/layer.py --quick            # smoke run on small shapes
     .venv/bin/python benchmarks/layer.py --profile 25       # + torch.profiler table of our layer
 """

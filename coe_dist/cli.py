@@ -53,10 +53,12 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
         cmd += ["--set", override]
     if args.resume:
         cmd += ["--resume", args.resume]
-    if args.debug:
+    if getattr(args, "debug", False):
         cmd.append("--debug")
     print("coe-dist: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    # torchrun's agent keeps its rendezvous store across restarts unless told not to; restarted ranks
+    # would read the previous attempt's addresses and hang (pytorch/pytorch#135712).
+    return subprocess.call(cmd, env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
     train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
                        "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
-    train.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
     from coe_dist import slurm

@@ -103,6 +103,9 @@ fi
 # slurm/train.sbatch sends before the time limit. Give them time to finish the step and save.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+# A fresh rendezvous store per restart: a shared one hands restarted ranks the previous attempt's
+# addresses and start-up hangs (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 echo "launch/torchrun.sh: ${run[*]} -m coe_dist.train --config $config ${trainer[*]}" >&2
 exec "${run[@]}" -m coe_dist.train --config "$config" "${trainer[@]}"

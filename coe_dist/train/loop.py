@@ -397,7 +397,7 @@ def _stop_on_numerics(cfg, run_dir, step, what, model, engine, data, data_state,
         # data position included, so that a resume replays this step (after the config is fixed).
         data.train.load_state_dict(data_state)
         good, skipped = step - 1, guard.skipped_total - 1
-        reason = f"{what} at step {step}"
+        reason = what
     else:  # skip: the skipped steps are done (their updates left out); save the state after them
         good, skipped = step, guard.skipped_total
         reason = f"{what}; {len(streak)} steps in a row skipped ({streak[0]}..{streak[-1]})"
