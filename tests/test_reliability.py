@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +94,63 @@ def test_killed_rank_restarts_and_matches_uninterrupted_run(tmp_path, straight):
         records = sample_records(tmp_path, rank)
         assert [s for s, _ in records] == [1, 2, 3, 4, 5, 6]  # none repeated, none skipped
         assert records == sample_records(ref, rank)
+
+
+# ---------------------------------------------------------------- cancellation
+
+def test_sigterm_to_the_whole_job_saves_then_stops(tmp_path):
+    """What scancel does under Slurm's process tracking (and `kill -- -PGID`): SIGTERM to torchrun and to every
+    trainer at once; torchrun passes its copy on, so each trainer sees SIGTERM twice within moments. That is one
+    request to stop: the trainers finish the step, save a complete checkpoint and exit 143."""
+    args = ["--config", str(TINY), "--set", f"log.run_dir={tmp_path}"]
+    for o in (*FAST, "train.steps=400"):
+        args += ["--set", o]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "coe_dist.train", *args]
+    # The save pauses 3 s before its rename, so that torchrun's copy arrives while the trainers are at work.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGUSR1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "COE_DIST_FAULT": "checkpoint.before_rename:sleep=3"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (tmp_path / "metrics.jsonl").is_file() or len(losses(tmp_path)) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.2)
+        trainers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(trainers) == 2, trainers
+        for pid in trainers:  # Slurm reaches them directly (torchrun starts each in a session of its own) ...
+            os.kill(int(pid), signal.SIGTERM)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)  # ... and torchrun, which passes SIGTERM on to them again
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by signal at step" in out, out[-4000:]
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    step = int(checkpoint.verify(tmp_path / "checkpoints" / latest)["step"])
+    assert 2 <= step < 400
+    assert f"stopped by signal at step {step};" in out
+
+
+def test_a_repeated_sigterm_later_ends_the_process(monkeypatch):
+    """Duplicates within the grace window are one request; one after it means "now" (a rank stuck in a
+    collective would otherwise wait for its launcher's SIGKILL)."""
+    from coe_dist.train import loop
+
+    now, killed = [100.0], []
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(loop.os, "kill", lambda pid, sig: killed.append(sig))
+    monkeypatch.setattr(loop.signal, "signal", lambda sig, handler: None)
+    stop = loop.StopSignal()
+    stop._handle(signal.SIGTERM, None)
+    now[0] += 1.0
+    stop._handle(signal.SIGTERM, None)  # torchrun's forwarded copy
+    assert stop.signum == signal.SIGTERM and killed == []
+    now[0] += loop.StopSignal.REPEAT_AFTER_S
+    stop._handle(signal.SIGTERM, None)
+    assert killed == [signal.SIGTERM]
 
 
 # ---------------------------------------------------------------- hangs and bad routing metadata

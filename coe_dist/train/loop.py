@@ -71,18 +71,26 @@ class Where:
 
 class StopSignal:
     """Remembers a SIGTERM/SIGUSR1; the loop checks it (agreed over ranks) at each step boundary.
-    A second SIGTERM ends the process at once: a rank blocked in a collective whose peer is gone would
-    otherwise outlive its launcher until the collective timeout."""
+
+    Copies of one SIGTERM come moments apart: Slurm signals every process of a job step and torchrun passes
+    its own copy on, so a repeat within REPEAT_AFTER_S is the same request. A SIGTERM repeated later ends the
+    process at once: a rank blocked in a collective whose peer is gone would otherwise wait for SIGKILL."""
+
+    REPEAT_AFTER_S = 10.0
 
     def __init__(self) -> None:
         self.signum = 0
+        self._term_at: float | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGTERM and self.signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if signum == signal.SIGTERM:
+            now = time.monotonic()
+            if self._term_at is not None and now - self._term_at >= self.REPEAT_AFTER_S:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+            self._term_at = self._term_at if self._term_at is not None else now
         self.signum = signum
 
 
