@@ -90,22 +90,25 @@ class CoELayer(nn.Module):
         h_TD = u_BLD.reshape(B * L, D)
         aux = h_TD.new_zeros((), dtype=torch.promote_types(h_TD.dtype, torch.float32))
         chain: list[torch.Tensor] = []
-        for t in range(cfg.iterations):
-            router = self.routers[t if cfg.independent_gating else 0]
-            routing = router(h_TD)
-            aux = aux + self._router_loss(routing, B)
-            if self.record_routing:
-                chain.append(self._record(routing, t))
-            if cfg.recompute and torch.is_grad_enabled():
-                # Keep only h and the routing of this iteration; the dispatch, experts and combine run
-                # again in backward (their all-to-alls too, in the same order on every rank).
-                y_TD = checkpoint(self._routed_experts_raw, h_TD, routing.weights_TK, routing.experts_TK, t,
-                                  use_reentrant=False)
-            else:
-                y_TD = self._routed_experts_raw(h_TD, routing.weights_TK, routing.experts_TK, t)
-            if self.shared_experts is not None:
-                y_TD = y_TD + self.shared_experts(h_TD)
-            h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
+        # One compute-dtype copy of the expert weights serves all C iterations (casting them per call was the
+        # layer's largest non-GEMM cost).
+        with self.experts.reuse_weight_casts():
+            for t in range(cfg.iterations):
+                router = self.routers[t if cfg.independent_gating else 0]
+                routing = router(h_TD)
+                aux = aux + self._router_loss(routing, B)
+                if self.record_routing:
+                    chain.append(self._record(routing, t))
+                if cfg.recompute and torch.is_grad_enabled():
+                    # Keep only h and the routing of this iteration; the dispatch, experts and combine run
+                    # again in backward (their all-to-alls too, in the same order on every rank).
+                    y_TD = checkpoint(self._routed_experts_raw, h_TD, routing.weights_TK, routing.experts_TK, t,
+                                      use_reentrant=False)
+                else:
+                    y_TD = self._routed_experts_raw(h_TD, routing.weights_TK, routing.experts_TK, t)
+                if self.shared_experts is not None:
+                    y_TD = y_TD + self.shared_experts(h_TD)
+                h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
         if chain:
             # Chain diversity: distinct ordered tuples of expert sets (one set per iteration) over tokens.
             self.routing_record["chains"] = int(torch.unique(torch.cat(chain, dim=1), dim=0).shape[0])
