@@ -1,6 +1,7 @@
 """Reproduce the CoE paper's comparison at small scale on GSM8K (configs/repro/), and write docs/repro.md.
 
     .venv/bin/python benchmarks/repro.py [--seeds 1,2] [--steps 300] [--configs coe-2-4of64,moe-8of64]
+    .venv/bin/python benchmarks/repro.py --summarise runs/paper-repro --out runs/paper-repro/repro.md
 
 Preprocesses ../shared/data/gsm8k (train for training, test for validation) with the GPT-NeoX tokenizer,
 trains every config with 2 ranks and ep 2 for each seed, then tabulates the final validation loss
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +69,8 @@ def train(config: Path, seed: int, steps: int, data: dict[str, Path], vocab: int
     args = [sys.executable, "-m", "coe_dist.cli", "train", "--config", str(config), "--nproc", "2"]
     for o in (f"train.seed={seed}", f"train.steps={steps}", f"log.run_dir={run_dir}",
               f"data.dataset={data['train']}", f"data.valid_dataset={data['test']}", f"data.tokenizer={tokenizer}",
-              f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}", f"log.eval_interval={max(1, steps // 6)}"):
+              f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}",
+              f"log.eval_interval={max(1, steps // 6)}"):
         args += ["--set", o]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -82,41 +85,118 @@ def finished(run_dir: Path, steps: int) -> bool:
                                for line in m.read_text().splitlines())
 
 
-def summarise(run_dirs: dict[str, list[Path]], out_md: Path) -> None:
+# The paper's claims, as (config A, config B, what the paper found): A below B, or about equal.
+CLAIMS = [
+    ("coe-2-4of64", "moe-8of64", "lower", "CoE-2(4/64) beats MoE(8/64) at equal FLOPs (paper: 1.12 vs 1.20)"),
+    ("coe-2-4of48", "moe-8of64", "equal", "CoE-2(4/48) matches MoE(8/64) with fewer parameters"),
+    ("coe-2-4of64", "coe-2-4of64-shared-gating", "lower", "independent gating beats one shared router"),
+    ("coe-2-4of64", "coe-2-4of64-outer-residual", "lower", "the inner residual beats an outer one"),
+    ("dense-8of8-c2", "dense-8of8-c1", "lower", "dense control: a second pass helps even without routing"),
+]
+
+
+@dataclass
+class Result:
+    name: str
+    finals: list[float]  # final validation loss per seed
+    curves: list[list[tuple[int, float]]]  # (step, validation loss) per seed
+    params: int  # whole model (dense + every rank's experts)
+    expert_params: int
+    peak_mib: float  # largest peak RSS of rank 0 over the seeds
+    tokens_per_s: float  # median over the logged windows of every seed
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.finals)
+
+    @property
+    def half_spread(self) -> float:
+        return (max(self.finals) - min(self.finals)) / 2
+
+
+def load_result(name: str, dirs: list[Path]) -> Result:
+    finals, curves, tps, peak = [], [], [], 0.0
+    for d in dirs:
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curve = [(r["step"], r["valid/loss"]) for r in recs if "valid/loss" in r]
+        curves.append(curve)
+        finals.append(curve[-1][1])
+        tps += [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
+        peak = max([peak] + [r["peak_memory_mib"] for r in recs if "peak_memory_mib" in r])
+    info = json.loads((dirs[0] / "run_info.json").read_text())
+    local, ep = info["layout"]["parameters_rank0"], info["layout"]["ep_size"]
+    experts = local["expert_local"] * ep
+    return Result(name, finals, curves, local["dense"] + experts, experts, peak, statistics.median(tps))
+
+
+def verdict(a: Result, b: Result, expected: str) -> str:
+    """Whether A - B has the paper's sign, beyond the seed spread of the two (half-spreads added)."""
+    diff, noise = a.mean - b.mean, a.half_spread + b.half_spread
+    if abs(diff) <= noise:
+        return "holds (within seed spread)" if expected == "equal" else "not resolved (within seed spread)"
+    if expected == "equal":
+        return f"does not hold: A is {'lower' if diff < 0 else 'higher'} beyond the spread"
+    return "holds" if diff < 0 else "reversed"
+
+
+def summarise(results: list[Result], out_md: Path) -> str:
+    """Table, claims and plot; the markdown goes after `<!-- table -->` in out_md (or is all of it)."""
+    plot = out_md.parent / "repro" / "valid_loss.png"
+    plot_curves(results, plot)
+    lines = ["| config | final valid loss, mean ± half-spread | per seed | params (experts) | "
+             "peak RSS rank 0 (MiB) | tokens/s (median) |", "|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r.mean):
+        seeds = ", ".join(f"{x:.4f}" for x in r.finals)
+        lines.append(f"| {r.name} | {r.mean:.4f} ± {r.half_spread:.4f} | {seeds} | {r.params / 1e6:.2f} M "
+                     f"({r.expert_params / 1e6:.2f} M) | {r.peak_mib:.0f} | {r.tokens_per_s:,.0f} |")
+    by_name = {r.name: r for r in results}
+    lines += ["", "| paper's claim | A | B | A - B (valid loss) | seed spread (A + B) | here |",
+              "|---|---|---|---|---|---|"]
+    for a, b, expected, claim in CLAIMS:
+        if a in by_name and b in by_name:
+            ra, rb = by_name[a], by_name[b]
+            lines.append(f"| {claim} | {a} | {b} | {ra.mean - rb.mean:+.4f} | {ra.half_spread + rb.half_spread:.4f} "
+                         f"| {verdict(ra, rb, expected)} |")
+    lines += ["", f"![validation loss against step]({plot.relative_to(out_md.parent)})"]
+    text = "\n".join(lines) + "\n"
+    old = out_md.read_text() if out_md.is_file() else ""
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(old.split("<!-- table -->")[0] + "<!-- table -->\n" + text if "<!-- table -->" in old else text)
+    return text
+
+
+def plot_curves(results: list[Result], path: Path) -> None:
+    """Validation loss against step: the mean over seeds per config, the band between the seeds shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, dirs in run_dirs.items():
-        finals, tps = [], []
-        for d in dirs:
-            recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-            valid = [(r["step"], r["valid/loss"]) for r in recs if "valid/loss" in r]
-            finals.append(valid[-1][1])
-            tps.append(statistics.median(r["tokens_per_s"] for r in recs if "tokens_per_s" in r))
-            ax.plot(*zip(*valid, strict=True), label=f"{name} ({d.name})", alpha=0.8)
-        info = json.loads((dirs[0] / "run_info.json").read_text())
-        peak = max(r.get("peak_memory_mib", 0.0) for r in recs)  # rank 0's peak RSS
-        rows.append((name, statistics.mean(finals), (max(finals) - min(finals)) / 2, len(finals),
-                     info["layout"]["parameters_rank0"], peak, statistics.median(tps)))
+    for r in sorted(results, key=lambda r: r.name):
+        steps = [s for s, _ in r.curves[0]]
+        per_step = list(zip(*[[v for _, v in c] for c in r.curves], strict=True))
+        line, = ax.plot(steps, [statistics.mean(v) for v in per_step], label=r.name)
+        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
+                        alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (GSM8K test)")
-    ax.legend(fontsize=7)
-    plot = out_md.parent / "repro" / "valid_loss.png"
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot, dpi=120, bbox_inches="tight")
-    lines = ["| config | final valid loss (mean ± half-spread) | seeds | params on rank 0 (total / experts) | "
-             "peak RSS per rank (MiB) | tokens/s (median) |", "|---|---|---|---|---|---|"]
-    for name, mean, half, n, params, peak, tps in sorted(rows, key=lambda r: r[1]):
-        lines.append(f"| {name} | {mean:.4f} ± {half:.4f} | {n} | {params['total_local']:,} / "
-                     f"{params['expert_local']:,} | {peak:.0f} | {tps:,.0f} |")
-    table = "\n".join(lines)
-    out_md.write_text(out_md.read_text().split("<!-- table -->")[0] + "<!-- table -->\n" + table + "\n"
-                      if out_md.is_file() and "<!-- table -->" in out_md.read_text() else table + "\n")
-    print(table)
+    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def runs_in(root: Path) -> dict[str, list[Path]]:
+    """<root>/<config>-seed<S>/ runs that finished (their last record is the final validation), by config."""
+    groups: dict[str, list[Path]] = {}
+    for d in sorted(p for p in root.glob("*-seed*") if p.is_dir()):
+        lines = (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").is_file() else []
+        if lines and "valid/loss" in lines[-1]:
+            groups.setdefault(d.name.rsplit("-seed", 1)[0], []).append(d)
+        else:
+            print(f"repro: leaving out {d}: not finished")
+    return groups
 
 
 def main() -> int:
@@ -125,7 +205,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--configs", default="", help="comma-separated names from configs/repro (default: all)")
     p.add_argument("--out", default=str(ROOT / "docs" / "repro.md"))
+    p.add_argument("--summarise", metavar="DIR", help="only tabulate the runs in DIR (e.g. runs/paper-repro from "
+                   "slurm/repro.sh): <config>-seed<S>/ directories")
     args = p.parse_args()
+    if args.summarise:
+        runs = runs_in(Path(args.summarise))
+        if not runs:
+            print(f"repro: no <config>-seed<S>/metrics.jsonl under {args.summarise}")
+            return 1
+        print(summarise([load_result(n, d) for n, d in runs.items()], Path(args.out)))
+        return 0
     tokenizer = SHARED / "tokenizers" / "gpt-neox-20b.tokenizer.json"
     if not tokenizer.is_file():
         print(f"repro: {tokenizer} not found: this benchmark needs ../shared/data (GSM8K + GPT-NeoX tokenizer)")
@@ -142,7 +231,7 @@ def main() -> int:
             seconds = train(ROOT / "configs/repro" / f"{name}.yaml", seed, args.steps, data, vocab, tokenizer,
                             run_dir)
             print(f"repro: {name} seed {seed}: {seconds:.0f} s", flush=True)
-    summarise(run_dirs, Path(args.out))
+    print(summarise([load_result(n, d) for n, d in run_dirs.items()], Path(args.out)))
     return 0
 
 

@@ -1,0 +1,133 @@
+"""The reproduction's bookkeeping: the summary table and verdicts (benchmarks/repro.py) against hand-computed
+values, and the paper-scale Slurm driver (slurm/repro.sh) in --dry-run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("repro", ROOT / "benchmarks" / "repro.py")
+repro = importlib.util.module_from_spec(spec)
+sys.modules["repro"] = repro  # dataclasses look their module up there
+spec.loader.exec_module(repro)
+
+
+def fake_run(root: Path, name: str, seed: int, curve: list[tuple[int, float]], finished: bool = True) -> None:
+    d = root / f"{name}-seed{seed}"
+    d.mkdir(parents=True)
+    recs = []
+    for step, loss in curve:
+        recs.append({"step": step, "lm_loss": loss + 0.1, "tokens_per_s": 1000.0 * seed,
+                     "peak_memory_mib": 100.0 * seed})
+        recs.append({"step": step, "valid/loss": loss})
+    if not finished:
+        recs.append({"step": curve[-1][0] + 1, "lm_loss": 1.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    layout = {"ep_size": 2, "parameters_rank0": {"total_local": 700, "expert_local": 300, "dense": 400}}
+    (d / "run_info.json").write_text(json.dumps({"layout": layout}))
+
+
+def test_summary_table_and_verdicts(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "coe-2-4of64", 1, [(10, 3.0), (20, 2.00)])
+    fake_run(runs, "coe-2-4of64", 2, [(10, 3.2), (20, 2.10)])
+    fake_run(runs, "moe-8of64", 1, [(10, 3.1), (20, 2.40)])
+    fake_run(runs, "moe-8of64", 2, [(10, 3.3), (20, 2.60)])
+    fake_run(runs, "coe-2-4of48", 1, [(10, 3.0), (20, 2.45)])
+    fake_run(runs, "coe-2-4of48", 2, [(10, 3.0), (20, 2.65)])
+    fake_run(runs, "coe-2-4of64-shared-gating", 1, [(10, 3.0), (20, 2.02)])
+    fake_run(runs, "coe-2-4of64-shared-gating", 2, [(10, 3.0), (20, 2.04)])
+    fake_run(runs, "dense-8of8-c1", 1, [(10, 3.0), (20, 1.5)], finished=False)  # left out
+    groups = repro.runs_in(runs)
+    assert sorted(groups) == ["coe-2-4of48", "coe-2-4of64", "coe-2-4of64-shared-gating", "moe-8of64"]
+    out = tmp_path / "docs" / "repro.md"
+    out.parent.mkdir()
+    out.write_text("# intro kept\n<!-- table -->\nold table, replaced\n")
+    text = repro.summarise([repro.load_result(n, d) for n, d in groups.items()], out)
+    # coe: mean of 2.00 and 2.10, half the spread 0.05; whole model 400 dense + 2 x 300 experts = 1000 params.
+    assert "| coe-2-4of64 | 2.0500 ± 0.0500 | 2.0000, 2.1000 | 0.00 M (0.00 M) | 200 | 1,500 |" in text
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    # coe - moe = 2.05 - 2.50 = -0.45, beyond 0.05 + 0.10: holds
+    assert "| -0.4500 | 0.1500 | holds |" in rows["CoE-2(4/64) beats MoE(8/64) at equal FLOPs (paper: 1.12 vs 1.20)"]
+    # 4of48 - moe = 2.55 - 2.50 = +0.05 within 0.10 + 0.10: equal holds
+    assert "| +0.0500 | 0.2000 | holds (within seed spread) |" in rows[
+        "CoE-2(4/48) matches MoE(8/64) with fewer parameters"]
+    # coe - shared gating = 2.05 - 2.03 = +0.02 within 0.05 + 0.01
+    assert "not resolved (within seed spread)" in rows["independent gating beats one shared router"]
+    assert not any("inner residual" in r for r in rows)  # no runs of that ablation: no row
+    written = out.read_text()
+    assert written.startswith("# intro kept\n<!-- table -->\n") and "old table" not in written
+    assert (tmp_path / "docs" / "repro" / "valid_loss.png").stat().st_size > 1000
+    assert load_params(repro.load_result("coe-2-4of64", groups["coe-2-4of64"])) == (1000, 600)
+
+
+def load_params(result) -> tuple[int, int]:
+    return result.params, result.expert_params
+
+
+def test_verdict_reversed_and_unequal():
+    a = repro.Result("a", [2.0, 2.0], [], 1, 1, 0.0, 0.0)
+    b = repro.Result("b", [1.0, 1.2], [], 1, 1, 0.0, 0.0)
+    assert repro.verdict(a, b, "lower") == "reversed"
+    assert repro.verdict(a, b, "equal") == "does not hold: A is higher beyond the spread"
+
+
+def _slurm_repro(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(ROOT / "slurm/repro.sh"), *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+def test_paper_scale_driver_dry_run(tmp_path):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.parquet").write_bytes(b"")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("{}")
+    out = _slurm_repro("--data", str(data), "--tokenizer", str(tok), "--partition", "gpu", "--time", "06:00:00",
+                       "--out", str(tmp_path / "runs"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    cmds = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("coe-dist")]
+    preprocess = [c for c in cmds if c[1] == "preprocess"]
+    submits = [c for c in cmds if c[1:3] == ["slurm", "submit"]]
+    assert [c[c.index("--output") + 1] for c in preprocess] == [
+        f"{tmp_path}/runs/data/gsm8k-{s}" for s in ("train", "test")]
+    configs = sorted(p.stem for p in (ROOT / "configs/paper").glob("*.yaml"))
+    assert len(configs) == 7 and len(submits) == 14  # every paper config x seeds 1, 2
+    seen = sorted((Path(c[c.index("--config") + 1]).stem, c[c.index("--set") + 1]) for c in submits)
+    assert seen == sorted((n, f"train.seed={s}") for n in configs for s in (1, 2))
+    first = submits[0]
+    assert first[first.index("--procs-per-node") + 1] == "8" and "--gpus-per-node" in first
+    assert f"data.valid_dataset={tmp_path}/runs/data/gsm8k-test" in first
+    # Each submission renders: the config, its overrides and the world of 8 processes are valid together.
+    for cmd in (submits[0], submits[-1]):
+        rendered = subprocess.run([sys.executable, "-m", "coe_dist.cli", *cmd[1:], "--dry-run"], capture_output=True,
+                                  text=True, cwd=ROOT, timeout=120)
+        assert rendered.returncode == 0, rendered.stderr
+        assert "#SBATCH --gpus-per-node=8" in rendered.stdout and "#SBATCH --partition=gpu" in rendered.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "--data DIR is required"),
+    (("--data", "/nonexistent", "--tokenizer", "/x"), "/nonexistent/train.parquet does not exist"),
+    (("--data", "{data}", "--tokenizer", "{tok}", "--seeds", "1;2"), "--seeds 1;2"),
+    (("--data", "{data}", "--tokenizer", "{tok}", "--configs", "coe-9"), "configs/paper/coe-9.yaml does not exist"),
+])
+def test_paper_scale_driver_refuses_bad_arguments(tmp_path, args, message):
+    data = tmp_path / "d"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.parquet").write_bytes(b"")
+    (tmp_path / "tok.json").write_text("{}")
+    args = [a.format(data=data, tok=tmp_path / "tok.json") for a in args]
+    out = _slurm_repro(*args, "--dry-run")
+    assert out.returncode == 2 and message in out.stderr, out.stderr
