@@ -63,6 +63,8 @@ class MoEConfig:
     ep_size: int = 1  # expert-parallel degree P: each rank of a group holds N/P experts
     expert_impl: str = "grouped"  # grouped (torch._grouped_mm) | loop
     recompute: bool = False  # recompute each iteration's expert path in backward (saves activation memory)
+    overlap: bool = True  # ep_size > 1 only: shared experts (and other chunks) run while all-to-alls are in flight
+    a2a_chunks: int = 1  # ep_size > 1 only: pipeline each iteration's tokens through this many all-to-all chunks
 
 
 @dataclass(kw_only=True)
@@ -285,6 +287,9 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
     _check(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor}: must be > 0")
     _check(moe.capacity_factor is None or moe.capacity_factor > 0,
            f"moe.capacity_factor={moe.capacity_factor}: must be > 0, or null for dropless")
+    _check(moe.a2a_chunks >= 1,
+           f"moe.a2a_chunks={moe.a2a_chunks}: must be >= 1; use 1 for one all-to-all per iteration and direction, "
+           "or 2 or more to pipeline that many token chunks")
 
 
 def validate(cfg: RunConfig) -> None:

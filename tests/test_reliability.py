@@ -13,6 +13,7 @@ See docs/reliability.md. Runs here are 2-rank gloo jobs of the tiny config, 6 st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -378,6 +379,25 @@ def test_collective_failure_text():
     lost = guards.collective_failure(RuntimeError("[pair.cc:534] Read error [10.0.0.2]:4411: Connection reset by "
                                                   "peer"), "backward", 4, 0, 60, None)
     assert "lost a peer at step 4 [Read error [10.0.0.2]:4411: Connection reset by peer]" in str(lost)
+
+
+def test_async_all_to_all_failure_is_named():
+    """The expert all-to-all is waited for outside torch.distributed's frames: its failure is still named."""
+    from types import SimpleNamespace
+
+    from coe_dist.parallel import dispatch
+
+    class FailingWork:
+        def wait(self):
+            raise RuntimeError("[/x/gloo/transport/tcp/pair.cc:534] Timed out waiting 8000ms for recv operation")
+
+    owner = SimpleNamespace(_timed=lambda *a: contextlib.nullcontext())
+    flight = dispatch._InFlight(owner, 0, "dispatch", [1], [1])
+    flight.work = FailingWork()
+    with pytest.raises(RuntimeError) as info:
+        flight.wait(torch.zeros(1, 2), "fwd")
+    out = guards.collective_failure(info.value, "forward (expert all-to-all)", 3, 1, 8, None)
+    assert str(out).startswith("rank 1: all_to_all_single in the forward (expert all-to-all) timed out after 8 s")
 
 
 # ---------------------------------------------------------------- checkpoint safety (in process)

@@ -12,6 +12,7 @@ Shape legend: B = batch, L = sequence, T = B*L tokens, D = hidden, K = experts p
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import torch
 from torch import nn
@@ -29,7 +30,8 @@ def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
     from coe_dist.parallel.groups import expert_parallel_group
 
     group = expert_parallel_group(config.ep_size, config.num_experts)
-    return AllToAllDispatcher(config.num_experts, group, config.capacity_factor, layer=layer)
+    return AllToAllDispatcher(config.num_experts, group, config.capacity_factor, layer=layer,
+                              chunks=config.a2a_chunks, overlap=config.overlap)
 
 
 class CoELayer(nn.Module):
@@ -99,15 +101,7 @@ class CoELayer(nn.Module):
                 aux = aux + self._router_loss(routing, B)
                 if self.record_routing:
                     chain.append(self._record(routing, t))
-                if cfg.recompute and torch.is_grad_enabled():
-                    # Keep only h and the routing of this iteration; the dispatch, experts and combine run
-                    # again in backward (their all-to-alls too, in the same order on every rank).
-                    y_TD = checkpoint(self._routed_experts_raw, h_TD, routing.weights_TK, routing.experts_TK, t,
-                                      use_reentrant=False)
-                else:
-                    y_TD = self._routed_experts_raw(h_TD, routing.weights_TK, routing.experts_TK, t)
-                if self.shared_experts is not None:
-                    y_TD = y_TD + self.shared_experts(h_TD)
+                y_TD = self._moe_iteration(h_TD, routing, t)
                 h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
         if chain:
             # Chain diversity: distinct ordered tuples of expert sets (one set per iteration) over tokens.
@@ -123,12 +117,25 @@ class CoELayer(nn.Module):
         self.routing_record[f"iter{iteration}/entropy"] = float(entropy)
         return routing.experts_TK.sort(dim=-1).values
 
+    def _moe_iteration(self, h_TD: torch.Tensor, routing: Routing, iteration: int) -> torch.Tensor:
+        """Routed + shared experts of one iteration (with ep_size > 1 the shared experts run while the
+        dispatch all-to-all is in flight, unless moe.overlap is off)."""
+        if self.config.recompute and torch.is_grad_enabled():
+            # Keep only h and the routing of this iteration; the dispatch, experts and combine run again in
+            # backward (their all-to-alls too, in the same order on every rank). The shared experts stay
+            # outside the recomputed part, as before overlap existed: kept, not recomputed, not overlapped.
+            y_TD = checkpoint(self._routed_experts_raw, h_TD, routing.weights_TK, routing.experts_TK, iteration,
+                              False, use_reentrant=False)
+            return y_TD if self.shared_experts is None else y_TD + self.shared_experts(h_TD)
+        return self._routed_experts_raw(h_TD, routing.weights_TK, routing.experts_TK, iteration, True)
+
     def _routed_experts_raw(self, h_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
-                            iteration: int) -> torch.Tensor:
-        """permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum."""
-        x_XD, state = self.dispatcher.dispatch(h_TD, experts_TK, iteration, _compute_dtype(h_TD))
-        y_XD = self.experts(x_XD, state.counts_E)
-        return self.dispatcher.combine(y_XD, state, weights_TK)
+                            iteration: int, with_shared: bool) -> torch.Tensor:
+        """permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum (+ shared experts): the
+        dispatcher schedules the expert calls around its all-to-alls."""
+        shared = self.shared_experts if with_shared else None
+        return self.dispatcher.run(h_TD, weights_TK, experts_TK, iteration, _compute_dtype(h_TD), self.experts,
+                                   None if shared is None else partial(shared, h_TD))
 
     def _router_loss(self, routing: Routing, batch: int) -> torch.Tensor:
         cfg = self.config

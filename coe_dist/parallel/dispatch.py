@@ -1,20 +1,36 @@
 """Token dispatch: move each token copy to the rank holding its expert, and back.
 
-    dispatch: permute copies by expert -> exchange per-expert counts -> all-to-all (uneven splits)
-              -> regroup received rows by local expert            => rows for GroupedExperts
-    combine:  undo the regrouping -> all-to-all back -> weight by g and sum per token
+    run (one CoE iteration):
+        permute copies by expert -> exchange per-expert counts -> all-to-all (uneven splits)
+        -> regroup received rows by local expert -> experts -> undo the regrouping -> all-to-all back
+        -> weight by g and sum per token; + the shared experts
 
 `LocalDispatcher` (ep_size 1) only permutes; `AllToAllDispatcher` adds the two all-to-alls. Both share the
 permutation, so the single-process and expert-parallel paths compute the same sums in the same order.
 Autograd runs the mirror image: the backward of each all-to-all is an all-to-all with swapped splits.
 
+Overlap (`AllToAllDispatcher`, `moe.overlap`): each data all-to-all is issued by one autograd node
+(`async_op=True`) and waited for by a second one, as late as the data allows:
+  - the shared experts run while the dispatch all-to-all is in flight;
+  - `moe.a2a_chunks = n` splits the iteration's tokens into n chunks, each dispatched, computed and combined
+    on its own: chunk c+1's dispatch is in flight while chunk c's experts run, and the combines are waited
+    for after the last chunk's experts. Routing, capacity drops and the count exchange stay per iteration;
+  - backward mirrors it: autograd runs ready nodes in reverse creation order, so a wait node's backward
+    issues the gradient all-to-all and the matching start node's backward, reached after the work created
+    between the two in forward (shared experts, other chunks), waits for it.
+gloo runs the exchange on its own threads, NCCL on its own stream: the same `async_op` API covers both.
+
 Shape legend: T = tokens on this rank, K = experts per token, D = hidden, X = token copies sent,
-R = rows received, N = routed experts, E = experts on this rank, P = ranks in the expert-parallel group.
+R = rows received, N = routed experts, E = experts on this rank, P = ranks in the expert-parallel group,
+C = token chunks of an iteration (`moe.a2a_chunks`).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,47 +129,87 @@ def unpermute(y_XD: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor) -
     """out[t] = sum_k g[t,k] * y[copy (t,k)], accumulated in the gate dtype (float32): the copies are put back
     in token-major [T, K] order (a copy dropped by capacity stays zero), then one [1, K] x [K, D] product per
     token, instead of a float32 [X, D] product and an index_add (and their backward passes)."""
-    T, K = weights_TK.shape
+    (T, K), D = weights_TK.shape, y_XD.shape[-1]  # D spelled out: an empty chunk (T = 0) must reshape too
     if perm.inverse_X is not None:
-        y_TKD = _PermuteRows.apply(y_XD, perm.inverse_X, perm.copy_X).view(T, K, -1)
+        y_TKD = _PermuteRows.apply(y_XD, perm.inverse_X, perm.copy_X).view(T, K, D)
     else:
-        y_TKD = y_XD.new_zeros(T * K, y_XD.shape[-1]).index_copy(0, perm.copy_X, y_XD).view(T, K, -1)
+        y_TKD = y_XD.new_zeros(T * K, D).index_copy(0, perm.copy_X, y_XD).view(T, K, D)
     return torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
+
+
+def chunk_sizes(num_tokens: int, chunks: int) -> list[int]:
+    """Tokens per chunk, as even as possible (the first num_tokens % chunks get one more; some may be 0).
+    Every rank uses `chunks` chunks whatever its token count, so all ranks run the same all-to-alls."""
+    return [num_tokens // chunks + (c < num_tokens % chunks) for c in range(chunks)]
+
+
+def split_permutation(perm: Permutation, experts_TK: torch.Tensor, sizes: list[int]) -> list[Permutation]:
+    """The copies of each token chunk (consecutive tokens, `sizes` of them) as the chunk's own permutation,
+    in the same (expert, token) order; the kept copies are those of `perm`, so capacity stays per iteration.
+    Several chunks cost one device-to-host copy (their row counts)."""
+    if len(sizes) == 1:
+        return [perm]
+    K, N, C = experts_TK.shape[1], perm.counts_N.numel(), len(sizes)
+    ends_C = torch.tensor(sizes, device=perm.token_X.device).cumsum(0)
+    chunk_X = torch.bucketize(perm.token_X, ends_C, right=True)
+    counts_CN = torch.bincount(chunk_X * N + experts_TK.flatten()[perm.copy_X], minlength=C * N).view(C, N)
+    by_chunk_X = torch.argsort(chunk_X, stable=True)  # chunk-major; stable keeps (expert, token) order inside
+    chunks, start = [], 0
+    for size, counts_N, rows_X in zip(sizes, counts_CN, by_chunk_X.split(counts_CN.sum(1).tolist()), strict=True):
+        copy_X = perm.copy_X[rows_X] - start * K
+        inverse_X = _inverse(copy_X) if perm.inverse_X is not None else None
+        chunks.append(Permutation(copy_X, perm.token_X[rows_X] - start, counts_N, size, inverse_X))
+        start += size
+    return chunks
+
+
+def _split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Row chunks as one autograd node (its backward concatenates), none at all for one chunk."""
+    return [x] if len(sizes) == 1 else list(x.split(sizes))
 
 
 @dataclass(frozen=True)
 class DispatchState:
+    """One chunk's routing metadata, fixed before its all-to-alls."""
+
     perm: Permutation
     counts_E: torch.Tensor  # rows per local expert, for GroupedExperts
     iteration: int
-    send_splits: list[int] | None = None  # rows to each rank of the group
-    recv_splits: list[int] | None = None  # rows from each rank
-    regroup_R: torch.Tensor | None = None  # received row order -> expert-major order
-    inverse_R: torch.Tensor | None = None  # expert-major order -> received row order
+    send_splits: list[int]  # rows to each rank of the group
+    recv_splits: list[int]  # rows from each rank
+    regroup_R: torch.Tensor  # received row order -> expert-major order
+    inverse_R: torch.Tensor  # expert-major order -> received row order
+
+
+Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by local expert, counts_E) -> rows
 
 
 class LocalDispatcher:
-    """All experts on this process: dispatch = permute, combine = unpermute."""
+    """All experts on this process: permute, experts, unpermute."""
 
     def __init__(self, num_experts: int, capacity_factor: float | None = None, *, layer: int = 0) -> None:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.stats = CommStats(layer)
 
-    def _permute(self, x_TD, experts_TK, iteration, wire_dtype):
+    def _permutation(self, experts_TK: torch.Tensor, iteration: int) -> Permutation:
         perm, dropped = permutation(experts_TK, self.num_experts, self.capacity_factor)
         if self.capacity_factor is not None:
             self.stats.add_dropped(iteration, int(dropped))
-            return x_TD[perm.token_X].to(wire_dtype), perm
-        return _GatherCopies.apply(x_TD, perm, wire_dtype), perm
+        return perm
 
-    def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, iteration: int,
-                 wire_dtype: torch.dtype) -> tuple[torch.Tensor, DispatchState]:
-        x_XD, perm = self._permute(x_TD, experts_TK, iteration, wire_dtype)
-        return x_XD, DispatchState(perm, perm.counts_N, iteration)
+    def _gather(self, x_TD: torch.Tensor, perm: Permutation, wire_dtype: torch.dtype) -> torch.Tensor:
+        if self.capacity_factor is not None:
+            return x_TD[perm.token_X].to(wire_dtype)
+        return _GatherCopies.apply(x_TD, perm, wire_dtype)
 
-    def combine(self, y_XD: torch.Tensor, state: DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
-        return unpermute(y_XD, state.perm, weights_TK)
+    def run(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, iteration: int,
+            wire_dtype: torch.dtype, experts: Experts, shared: Callable[[], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        """One iteration's routed experts, weighted by g and summed per token, + `shared()` when given."""
+        perm = self._permutation(experts_TK, iteration)
+        routed_TD = unpermute(experts(self._gather(x_TD, perm, wire_dtype), perm.counts_N), perm, weights_TK)
+        return routed_TD if shared is None else routed_TD + shared()
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -162,70 +218,193 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return out
 
 
-class _AllToAll(torch.autograd.Function):
-    """Differentiable uneven all-to-all whose backward is the all-to-all with swapped splits."""
+class _InFlight:
+    """One data all-to-all between its start and wait nodes: forward receives `recv_splits` rows from each
+    rank and sends `send_splits`; backward sends the gradient back with the splits swapped."""
+
+    def __init__(self, owner: AllToAllDispatcher, iteration: int, direction: str, recv_splits: list[int],
+                 send_splits: list[int]) -> None:
+        self.owner, self.iteration, self.direction = owner, iteration, direction
+        self.splits = {"fwd": (recv_splits, send_splits), "bwd": (send_splits, recv_splits)}
+        self.work = self.issued_at = self.done_at = None
+        self.grad_out: torch.Tensor | None = None  # backward: the gradient exchange's output, until waited for
+
+    def start(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        """Issue the exchange of x; returns the output buffer, filled in the background until `wait`."""
+        out_splits, in_splits = self.splits[phase]
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        self.issued_at = time.perf_counter()
+        self.work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.owner.group,
+                                           async_op=True)
+        # gloo completes the future on its own thread when the exchange is done: its completion time. NCCL
+        # completes it in stream order, which says nothing about host time, so CUDA records no in-flight time.
+        if x.device.type == "cpu":
+            self.done_at = self.work.get_future().then(lambda _: time.perf_counter())
+        return out
+
+    def wait(self, out: torch.Tensor, phase: str) -> torch.Tensor:
+        """Block until the exchange is done (timed: the exposed part of its time); returns `out`."""
+        out_splits, in_splits = self.splits[phase]
+        key = f"{self.direction}_{phase}"
+        with self.owner._timed(self.iteration, key, out, out_splits, in_splits):
+            self.work.wait()
+        if self.done_at is not None:
+            self.owner.in_flight_s[(self.iteration, key)] += self.done_at.wait() - self.issued_at
+        self.work = self.done_at = None
+        return out
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Issues `flight`'s exchange of x and returns its output buffer, still being filled: read it only through
+    `_WaitAllToAll`. Backward waits for the gradient exchange that `_WaitAllToAll.backward` issued."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, timer):
-        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
-        with timer("fwd", x, out_splits, in_splits):
-            return _all_to_all(x, out_splits, in_splits, group)
+    def forward(ctx, x, flight):
+        ctx.flight = flight
+        return flight.start(x, "fwd")
+
+    @staticmethod
+    def backward(ctx, _grad_placeholder):
+        flight = ctx.flight
+        grad_x, flight.grad_out = flight.wait(flight.grad_out, "bwd"), None
+        return grad_x, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Waits for `flight`'s exchange; returns the filled buffer. Backward issues the gradient exchange and
+    returns at once: the nodes autograd runs before `_StartAllToAll.backward` overlap it. The gradient itself
+    is handed over through `flight`, not returned (it has the sender's row count, not this input's)."""
+
+    @staticmethod
+    def forward(ctx, buffer, flight):
+        ctx.flight = flight
+        return flight.wait(buffer, "fwd")
 
     @staticmethod
     def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        with ctx.timer("bwd", grad, in_splits, out_splits):
-            return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None, None
+        ctx.flight.grad_out = ctx.flight.start(grad, "bwd")
+        return grad, None  # a placeholder for the start node, which ignores it
+
+
+Pending = tuple[torch.Tensor, _InFlight]  # an output buffer being filled, and its exchange
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    """Experts sharded over an expert-parallel group: rank r holds experts [r*E, (r+1)*E)."""
+    """Experts sharded over an expert-parallel group: rank r holds experts [r*E, (r+1)*E).
 
-    def __init__(self, num_experts: int, group, capacity_factor: float | None = None, *, layer: int = 0):
+    `overlap`: run the shared experts and the other chunks' work while all-to-alls are in flight; without
+    it each all-to-all is waited for as soon as it is issued and the shared experts run last. `chunks`:
+    token chunks per iteration (see the module docstring). `stats` times the waits (the exposed all-to-all
+    time); `in_flight_s` adds up issue-to-completion seconds per (iteration, direction), CPU (gloo) only.
+    """
+
+    def __init__(self, num_experts: int, group, capacity_factor: float | None = None, *, layer: int = 0,
+                 chunks: int = 1, overlap: bool = True) -> None:
         super().__init__(num_experts, capacity_factor, layer=layer)
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         self.num_local = num_experts // self.ep_size
+        self.chunks = chunks
+        self.overlap = overlap
+        self.in_flight_s: defaultdict[tuple[int, str], float] = defaultdict(float)
 
-    def _timer(self, iteration: int, direction: str):
-        def timer(phase, x, out_splits, in_splits):
-            row_bytes = math.prod(x.shape[1:]) * x.element_size()
-            sent = (sum(in_splits) - in_splits[self.ep_rank]) * row_bytes
-            received = (sum(out_splits) - out_splits[self.ep_rank]) * row_bytes
-            return self.stats.timed(iteration, f"{direction}_{phase}", sent, received, x.device)
-        return timer
+    def _timed(self, iteration: int, direction: str, x: torch.Tensor, out_splits: list[int],
+               in_splits: list[int]):
+        """`stats.timed` for one exchange of x's rows: bytes to and from the other ranks of the group."""
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        sent = (sum(in_splits) - in_splits[self.ep_rank]) * row_bytes
+        received = (sum(out_splits) - out_splits[self.ep_rank]) * row_bytes
+        return self.stats.timed(iteration, direction, sent, received, x.device)
 
-    def dispatch(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, iteration: int,
-                 wire_dtype: torch.dtype) -> tuple[torch.Tensor, DispatchState]:
-        P, E = self.ep_size, self.num_local
-        x_XD, perm = self._permute(x_TD, experts_TK, iteration, wire_dtype)
-        # Experts of rank p are contiguous, so copies sorted by expert are sorted by destination rank.
-        # Each row goes to one rank: its E per-expert counts, then their total as the sender computed it.
-        counts_PE = perm.counts_N.view(P, E)
-        wire_PE1 = torch.cat([counts_PE, counts_PE.sum(1, keepdim=True)], 1)
-        if fault_point("dispatch.counts") == "corrupt":
-            wire_PE1[0, 0] += 1  # what a bit flip or a routing bug would send: counts that do not add up
-        recv_PE1 = _all_to_all(wire_PE1, [1] * P, [1] * P, self.group)
-        recv_counts_PE = recv_PE1[:, :E]
-        # The one device-to-host sync: all-to-all split sizes must be known on the host. The checks ride on it.
-        send_splits, recv_splits, announced, smallest = torch.stack(
-            [counts_PE.sum(1), recv_counts_PE.sum(1), recv_PE1[:, E], recv_counts_PE.min(1).values]).tolist()
-        self._check_metadata(send_splits, recv_splits, announced, smallest, x_XD.shape[0], recv_counts_PE, iteration)
-        x_RD = _AllToAll.apply(x_XD, recv_splits, send_splits, self.group, self._timer(iteration, "dispatch"))
+    def run(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, iteration: int,
+            wire_dtype: torch.dtype, experts: Experts, shared: Callable[[], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        states = self._plan(experts_TK, iteration)
+        sizes = [state.perm.num_tokens for state in states]
+        chunks = list(zip(_split(x_TD, sizes), _split(weights_TK, sizes), states, strict=True))
+        schedule = self._pipelined if self.overlap else self._sequential
+        outs, shared_TD = schedule(chunks, wire_dtype, experts, shared)
+        routed_TD = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return routed_TD if shared_TD is None else routed_TD + shared_TD
+
+    def _pipelined(self, chunks, wire_dtype, experts, shared):
+        """Issue order: dispatch 0, [shared experts], dispatch 1, experts 0, combine 0, dispatch 2, experts 1,
+        combine 1, ...; the combines are waited for after the last chunk's experts."""
+        x_TD, _, state = chunks[0]
+        dispatched = [self._send(x_TD, state, wire_dtype)]
+        shared_TD = shared() if shared is not None else None  # while chunk 0's dispatch is in flight
+        combined = []
+        for c, (_, _, state) in enumerate(chunks):
+            if c + 1 < len(chunks):  # in flight while this chunk's experts run
+                x_TD, _, next_state = chunks[c + 1]
+                dispatched.append(self._send(x_TD, next_state, wire_dtype))
+            combined.append(self._send_back(experts(self._receive(dispatched[c], state), state.counts_E), state))
+        return [self._receive_back(pending, state, w_TK)
+                for pending, (_, w_TK, state) in zip(combined, chunks, strict=True)], shared_TD
+
+    def _sequential(self, chunks, wire_dtype, experts, shared):
+        """Each all-to-all waited for as soon as it is issued; the shared experts last (the pre-overlap path)."""
+        outs = []
+        for x_TD, w_TK, state in chunks:
+            y_RD = experts(self._receive(self._send(x_TD, state, wire_dtype), state), state.counts_E)
+            outs.append(self._receive_back(self._send_back(y_RD, state), state, w_TK))
+        return outs, shared() if shared is not None else None
+
+    # ------------------------------------------------------------------ steps of one chunk
+
+    def _send(self, x_TD: torch.Tensor, state: DispatchState, wire_dtype: torch.dtype) -> Pending:
+        flight = _InFlight(self, state.iteration, "dispatch", state.recv_splits, state.send_splits)
+        return _StartAllToAll.apply(self._gather(x_TD, state.perm, wire_dtype), flight), flight
+
+    def _receive(self, pending: Pending, state: DispatchState) -> torch.Tensor:
+        x_RD = _WaitAllToAll.apply(*pending)
         # Received rows are ordered (source rank, local expert); the experts want (local expert, source rank).
-        expert_R = torch.repeat_interleave(
-            torch.arange(E, device=x_RD.device).repeat(P), recv_counts_PE.flatten(), output_size=x_RD.shape[0])
-        regroup_R = torch.argsort(expert_R, stable=True)
-        inverse_R = _inverse(regroup_R)
-        state = DispatchState(perm, recv_counts_PE.sum(0), iteration, send_splits, recv_splits, regroup_R, inverse_R)
-        return _PermuteRows.apply(x_RD, regroup_R, inverse_R), state
+        return _PermuteRows.apply(x_RD, state.regroup_R, state.inverse_R)
+
+    def _send_back(self, y_RD: torch.Tensor, state: DispatchState) -> Pending:
+        flight = _InFlight(self, state.iteration, "combine", state.send_splits, state.recv_splits)
+        return _StartAllToAll.apply(_PermuteRows.apply(y_RD, state.inverse_R, state.regroup_R), flight), flight
+
+    def _receive_back(self, pending: Pending, state: DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
+        return unpermute(_WaitAllToAll.apply(*pending), state.perm, weights_TK)
+
+    # ------------------------------------------------------------------ routing metadata
+
+    def _plan(self, experts_TK: torch.Tensor, iteration: int) -> list[DispatchState]:
+        """Permute the iteration's copies, split them into token chunks and exchange every chunk's per-expert
+        counts in one all-to-all: each rank gets, per chunk, its E counts and their total as the sender
+        computed it. One device-to-host copy brings all chunks' splits to the host (the checks ride on it)."""
+        P, E, C = self.ep_size, self.num_local, self.chunks
+        perms = split_permutation(self._permutation(experts_TK, iteration), experts_TK,
+                                  chunk_sizes(experts_TK.shape[0], C))
+        # Experts of rank p are contiguous, so copies sorted by expert are sorted by destination rank.
+        counts_CPE = torch.stack([perm.counts_N for perm in perms]).view(C, P, E)
+        wire_PCE1 = torch.cat([counts_CPE, counts_CPE.sum(2, keepdim=True)], 2).transpose(0, 1).contiguous()
+        if fault_point("dispatch.counts") == "corrupt":
+            wire_PCE1[0, 0, 0] += 1  # what a bit flip or a routing bug would send: counts that do not add up
+        recv_CPE1 = _all_to_all(wire_PCE1.view(P, -1), [1] * P, [1] * P, self.group).view(P, C, E + 1).transpose(0, 1)
+        recv_counts_CPE = recv_CPE1[..., :E]
+        send_splits, recv_splits, announced, smallest = torch.stack(
+            [counts_CPE.sum(2), recv_counts_CPE.sum(2), recv_CPE1[..., E], recv_counts_CPE.min(2).values]).tolist()
+        states = []
+        for c, perm in enumerate(perms):
+            self._check_metadata(send_splits[c], recv_splits[c], announced[c], smallest[c], perm.copy_X.numel(),
+                                 recv_counts_CPE[c], iteration, c)
+            expert_R = torch.repeat_interleave(torch.arange(E, device=experts_TK.device).repeat(P),
+                                               recv_counts_CPE[c].flatten(), output_size=sum(recv_splits[c]))
+            regroup_R = torch.argsort(expert_R, stable=True)
+            states.append(DispatchState(perm, recv_counts_CPE[c].sum(0), iteration, send_splits[c],
+                                        recv_splits[c], regroup_R, _inverse(regroup_R)))
+        return states
 
     def _check_metadata(self, send_splits: list[int], recv_splits: list[int], announced: list[int],
-                        smallest: list[int], rows: int, recv_counts_PE: torch.Tensor, iteration: int) -> None:
+                        smallest: list[int], rows: int, recv_counts_PE: torch.Tensor, iteration: int,
+                        chunk: int) -> None:
         """Routing metadata that does not add up would size the all-to-all wrongly on one side: a deadlock or
         rows landing at the wrong expert. Refuse it before the exchange, naming the ranks and the numbers."""
-        where = f"layer {self.stats.layer} iteration {iteration} on expert-parallel rank {self.ep_rank}"
+        of_chunk = f" chunk {chunk}" if self.chunks > 1 else ""
+        where = f"layer {self.stats.layer} iteration {iteration}{of_chunk} on expert-parallel rank {self.ep_rank}"
         if sum(send_splits) != rows:
             raise RoutingMetadataError(f"routing metadata mismatch in {where}: the per-expert counts add up to "
                                        f"{sum(send_splits)} token copies but {rows} were permuted")
@@ -237,9 +416,3 @@ class AllToAllDispatcher(LocalDispatcher):
                     f"{said} token copies for this rank but its per-expert counts {recv_counts_PE[src].tolist()} "
                     f"add up to "
                     f"{got}; refusing the all-to-all (it would hang or mix up rows)")
-
-    def combine(self, y_RD: torch.Tensor, state: DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
-        y_back_RD = _PermuteRows.apply(y_RD, state.inverse_R, state.regroup_R)
-        y_XD = _AllToAll.apply(y_back_RD, state.send_splits, state.recv_splits, self.group,
-                               self._timer(state.iteration, "combine"))
-        return unpermute(y_XD, state.perm, weights_TK)

@@ -158,12 +158,18 @@ _FAILURE_WORDS = ("timed out", "timeout", "connection closed", "connection reset
                   "network error", "watchdog")
 
 
+# The expert all-to-alls are issued with async_op=True: a timeout or a lost peer surfaces in the wait, outside
+# torch.distributed's own frames.
+_ASYNC_WAITS = {("dispatch.py", "wait"): "all_to_all_single"}
+
+
 def _operation(exc: BaseException) -> str | None:
     """The innermost torch.distributed collective in the traceback, e.g. all_to_all_single."""
     name = None
     for frame in traceback.extract_tb(exc.__traceback__):
         if frame.filename.endswith("distributed_c10d.py") and not frame.name.startswith("_"):
             name = frame.name
+        name = _ASYNC_WAITS.get((os.path.basename(frame.filename), frame.name), name)
     return name
 
 
