@@ -18,6 +18,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
 
 from coe_dist.config import ConfigError, check_world, load_config
@@ -44,8 +45,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:
-    """Re-launch this command under torchrun on this node (c10d rendezvous on a free local port)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+    """Re-launch this command under torchrun on this node. The rendezvous endpoint, the trainers' store and (see
+    coe_dist.launcher) gloo stay on loopback; temporary files go to a private directory, removed afterwards."""
+    # --local-addr: the trainers' MASTER_ADDR (torchrun would give them this host's FQDN, whose address may be
+    # the LAN's); --standalone would name the endpoint localhost, which may resolve to ::1 first.
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--nnodes=1",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=coe-dist", "--local-addr=127.0.0.1",
            "-m", "coe_dist.train"]
     if args.config:
         cmd += ["--config", args.config]
@@ -56,9 +61,23 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
     if getattr(args, "debug", False):
         cmd.append("--debug")
     print("coe-dist: " + " ".join(cmd[1:]), flush=True)
-    # torchrun's agent keeps its rendezvous store across restarts unless told not to; restarted ranks
-    # would read the previous attempt's addresses and hang (pytorch/pytorch#135712).
-    return subprocess.call(cmd, env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    # mkdtemp: mode 0700. torchrun's log directory (torchelastic_*, never removed by torchrun) lands in it.
+    with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp:
+        # torchrun's agent keeps its rendezvous store across restarts unless told not to; restarted ranks
+        # would read the previous attempt's addresses and hang (pytorch/pytorch#135712). Unshared, the
+        # trainers' store is rank 0's, bound to 127.0.0.1, not a second agent store on every interface.
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "TMPDIR": tmp}
+        return _wait_through_ctrl_c(subprocess.Popen(cmd, env=env))
+
+
+def _wait_through_ctrl_c(proc: subprocess.Popen) -> int:
+    """Wait for torchrun even after Ctrl-C: the terminal sent SIGINT to it too, and it is stopping the trainers
+    (killing it would leave them running, writing into the temporary directory about to be removed)."""
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def build_parser() -> argparse.ArgumentParser:

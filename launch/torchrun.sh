@@ -26,35 +26,19 @@
 # Environment: PYTHON (interpreter, default python3: activate the venv first),
 #   TORCHRUN_ARGS (extra torchrun options, split on spaces), GLOO_SOCKET_IFNAME /
 #   NCCL_SOCKET_IFNAME (the interface to use between nodes when it is not the default route's).
+# On one node the rendezvous endpoint, the trainers' store and gloo use 127.0.0.1 only (torchrun's
+# own store listens on every interface: docs/launching.md). Temporary files go to a private
+# directory in $TMPDIR (default /tmp), removed when the job ends.
 set -euo pipefail
-
-usage() { sed -n '2,31p' "$0" >&2; exit "${1:-2}"; }
-die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
-
-[ $# -ge 1 ] || usage
-case $1 in -h|--help) usage 0 ;; -*) die "the first argument is the config file, got '$1'" ;; esac
-config=$1
-shift
-[ -f "$config" ] || die "config file '$config' does not exist: pass a YAML such as configs/tiny.yaml"
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 
 PYTHON=${PYTHON:-python3}
 nproc='' nnodes=1 node_rank='' endpoint='' rdzv_id=${SLURM_JOB_ID:-coe-dist} local_addr=''
-trainer=()
-need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
-while [ $# -gt 0 ]; do
-  case $1 in
-    --nproc|--nproc-per-node) need "$@"; nproc=$2; shift 2 ;;
-    --nnodes) need "$@"; nnodes=$2; shift 2 ;;
-    --node-rank) need "$@"; node_rank=$2; shift 2 ;;
-    --rdzv-endpoint) need "$@"; endpoint=$2; shift 2 ;;
-    --rdzv-id) need "$@"; rdzv_id=$2; shift 2 ;;
-    --local-addr) need "$@"; local_addr=$2; shift 2 ;;
-    --set) need "$@"; trainer+=(--set "$2"); shift 2 ;;
-    --) shift; trainer+=("$@"); break ;;
-    -h|--help) usage 0 ;;
-    *) trainer+=("$1"); shift ;;
-  esac
-done
+# shellcheck disable=SC2034  # read by parse_args
+declare -A OPTIONS=([--nproc]=nproc [--nproc-per-node]=nproc [--nnodes]=nnodes [--node-rank]=node_rank
+                    [--rdzv-endpoint]=endpoint [--rdzv-id]=rdzv_id [--local-addr]=local_addr)
+parse_args "$@"
 
 if [ -z "$nproc" ]; then  # one process per GPU; CPU-only nodes get one (ask for more with --nproc)
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
@@ -72,8 +56,10 @@ done
 
 run=("$PYTHON" -m torch.distributed.run "--nproc-per-node=$nproc")
 if [ "$nnodes" -eq 1 ] && [ -z "$endpoint" ]; then
-  # c10d on 127.0.0.1 with a free port: several single-node jobs can share a machine.
+  # c10d on 127.0.0.1 with a free port: several single-node jobs can share a machine. The local
+  # address becomes the trainers' MASTER_ADDR: their store and gloo then stay on loopback too.
   run+=(--nnodes=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:0 "--rdzv-id=$rdzv_id")
+  local_addr=${local_addr:-127.0.0.1}
 else
   [ -n "$endpoint" ] || die "--nnodes=$nnodes needs --rdzv-endpoint HOST[:PORT], the first node's address"
   host=${endpoint%:*} port=29400
@@ -104,8 +90,10 @@ fi
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 # A fresh rendezvous store per restart: a shared one hands restarted ranks the previous attempt's
-# addresses and start-up hangs (pytorch/pytorch#135712).
+# addresses and start-up hangs (pytorch/pytorch#135712). Unshared, rank 0 serves the trainers' store
+# on MASTER_ADDR only, not the agent on every interface.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 echo "launch/torchrun.sh: ${run[*]} -m coe_dist.train --config $config ${trainer[*]}" >&2
+private_tmpdir
 exec "${run[@]}" -m coe_dist.train --config "$config" "${trainer[@]}"

