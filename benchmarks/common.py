@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from coe_dist.bench.machine import cpu_model, load_average
+
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -72,30 +74,15 @@ def summary(times: list[float]) -> dict[str, float]:
 
 
 def environment() -> dict[str, object]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
-        "loadavg_at_start": _loadavg(),
+        "loadavg_at_start": load_average(),
     }
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
 
 
 def write_json(path: str | Path, data: dict) -> Path:

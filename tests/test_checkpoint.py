@@ -93,11 +93,44 @@ def test_corrupted_checkpoint_falls_back(tmp_path, straight):
     data[len(data) // 2] ^= 0x01  # one flipped bit
     bad.write_bytes(bytes(data))
     warnings: list[str] = []
-    found = checkpoint.find_resumable(run_dir, warn=warnings.append)
+    found = checkpoint.newest_verified(run_dir, warn=warnings.append)[0]
     assert found == run_dir / "checkpoints" / "step_3"
     assert any(str(bad) in w and "checksum" in w for w in warnings), warnings
     with pytest.raises(checkpoint.CheckpointError, match="experts-1.pt: checksum mismatch"):
         checkpoint.verify(run_dir / "checkpoints" / "step_6")
+
+
+@pytest.mark.parametrize("resume", ["auto", "step_3"])
+def test_resume_hashes_each_file_once(tmp_path, straight, monkeypatch, resume):
+    """Finding the newest good checkpoint verifies it and load trusts that: multi-GB files are hashed once."""
+    import collections
+    import shutil
+    import types
+
+    import torch
+
+    from coe_dist.config import config_from_dict
+    from coe_dist.launcher import ProcessEnv
+    from coe_dist.model import CoETransformer
+    from coe_dist.train.loop import _maybe_resume
+
+    shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
+    for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):  # not a restart: --resume decides
+        monkeypatch.delenv(var, raising=False)
+    saved = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())
+    cfg = config_from_dict(saved["config"], ["moe.ep_size=1"])
+    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+    engine = types.SimpleNamespace(optimizer=torch.optim.AdamW(model.parameters()), lr_scheduler=None)  # ZeRO 0
+    data = types.SimpleNamespace(train=types.SimpleNamespace(load_state_dict=lambda state: None))
+    penv = ProcessEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, source="single")
+    hashed: collections.Counter[str] = collections.Counter()
+    sha256 = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.update([path.name]) or sha256(path))
+
+    arg = resume if resume == "auto" else str(tmp_path / "checkpoints" / resume)
+    step = _maybe_resume(arg, tmp_path, model, engine, data, penv, types.SimpleNamespace(skipped_total=0))
+    assert step == (6 if resume == "auto" else 3)
+    assert hashed == {"dense.pt": 1, "experts-0.pt": 1, "experts-1.pt": 1}
 
 
 class _Exploit:

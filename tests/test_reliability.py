@@ -422,7 +422,7 @@ def test_old_checkpoints_go_only_after_a_new_one_is_complete(tmp_path, monkeypat
     monkeypatch.setenv("COE_DIST_FAULT", "checkpoint.before_rename@step2:raise=ENOSPC")
     with pytest.raises(OSError):
         checkpoint.save(tmp_path, 2, model, engine, {"optimizer_step": 2}, keep_last=1)
-    assert checkpoint.find_resumable(tmp_path, warn=lambda m: None) == root / "step_1"
+    assert checkpoint.newest_verified(tmp_path, warn=lambda m: None)[0] == root / "step_1"
     assert (root / "latest").read_text().strip() == "step_1" and not (root / "step_2").exists()
     # Step 3: at the moment it is complete but not yet renamed, step 1 still exists; afterwards it is pruned.
     monkeypatch.delenv("COE_DIST_FAULT")
@@ -453,7 +453,7 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, damage):
     else:
         bad.write_bytes(data[: len(data) // 2])
     warnings: list[str] = []
-    assert checkpoint.find_resumable(tmp_path, warn=warnings.append) == tmp_path / "checkpoints" / "step_1"
+    assert checkpoint.newest_verified(tmp_path, warn=warnings.append)[0] == tmp_path / "checkpoints" / "step_1"
     expected = {"truncate": "checksum mismatch", "flip": "checksum mismatch", "delete": "missing",
                 "meta": "not valid JSON"}[damage]
     assert any(str(bad) in w and expected in w for w in warnings), warnings

@@ -5,6 +5,7 @@
     timing.py    CPU / CUDA phase timers and the barrier between phases
     comm.py      `bench comm`: run a grid on every rank, --calibrate microbenchmarks and profile
     outputs.py   CSV / JSON / TensorBoard outputs and their aggregation
+    machine.py   CPU model and load average, recorded with every measurement (also by benchmarks/)
     plots.py     PNG plots; report.py: markdown pages
     model.py     the cost model, cluster profiles and fitting
     project.py   `bench project`: CoE vs equal-FLOP MoE on a cluster profile

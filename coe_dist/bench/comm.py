@@ -28,6 +28,7 @@ import torch.distributed as dist
 from coe_dist.bench import outputs
 from coe_dist.bench.grid import DTYPES, BenchCase, count_exchange_bytes, stable_seed, validate_case
 from coe_dist.bench.layer import BenchLayer, _Tape, backward
+from coe_dist.bench.machine import cpu_model, load_average
 from coe_dist.bench.model import Affine, Profile, fit_linear, fit_link, fit_profile, overhead_affine
 from coe_dist.bench.timing import PhaseTimer, barrier, wall
 
@@ -82,27 +83,16 @@ def _threads(requested: int | None, ranks_per_node: int, device: torch.device) -
 
 def environment(world: int, ranks_per_node: int, threads: int, device: torch.device, backend: str,
                 hosts: list[str]) -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     meta = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "world": world, "nodes": len(set(hosts)), "ranks_per_node": ranks_per_node,
         "threads_per_rank": threads, "cores_per_node": os.cpu_count() or 1, "device": str(device),
-        "backend": backend, "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+        "backend": backend, "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
         "hosts": sorted(set(hosts)),
     }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        meta["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
+    meta["load_average"] = load_average()
     return meta
 
 
@@ -360,7 +350,7 @@ def run(args) -> int:
                               repeats=max(5, repeats))
     if rank == 0:
         meta.update({"warmup": warmup, "repeats": repeats, "grid": args.grid, "seed": args.seed,
-                     "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
+                     "load_average_end": load_average()})
         write_outputs(out_dir, rows, cases, walls, meta, report=args.report, a2a=a2a, gemm=gemm)
         if args.calibrate:
             run_data = outputs.load_run(out_dir)

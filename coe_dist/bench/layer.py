@@ -159,7 +159,7 @@ class BenchLayer:
             # ---- counts exchange (+ the host sync for the split sizes)
             barrier(group, self.device)
             with timer.phase(L, t, "counts", "fwd") as rec:
-                # As AllToAllDispatcher.dispatch: each rank gets its E counts and their total; one host sync
+                # As AllToAllDispatcher.run: each rank gets its E counts and their total; one host sync
                 # brings the split sizes and what the dispatcher checks them against to the host.
                 wire_PE1 = torch.cat([counts_PE, counts_PE.sum(1, keepdim=True)], 1)
                 recv_PE1 = _all_to_all(wire_PE1, [1] * P, [1] * P, group)

@@ -22,8 +22,10 @@ them from HBM bandwidth (bytes touched per unit / bandwidth) and an assumed per-
 CPU profiles: P ranks on one node share its cores; every phase is multiplied by the oversubscription
 max(1, ranks_per_node * threads_per_rank / cores_per_node) (1 on GPUs: each rank has its own device).
 
-Communication is not overlapped with compute in this implementation (blocking collectives, one host sync
-per iteration), so all of it is exposed: comm share = (counts + dispatch + combine, fwd + bwd) / step.
+The model does not overlap communication with compute (what `moe.overlap: false` does, and how the bench
+times the phases: one after another, one host sync per iteration), so all of it is exposed: comm share =
+(counts + dispatch + combine, fwd + bwd) / step. `moe.overlap` hides part of it behind the shared expert and
+`moe.a2a_chunks` behind other chunks' experts; `benchmarks/overlap.py` measures how much.
 """
 
 from __future__ import annotations
@@ -366,6 +368,12 @@ def fit_linear(X, y, *, relative: bool = True) -> np.ndarray:
     return best
 
 
+def _bandwidth(inv_bw: float) -> float:
+    """Bytes per second from a fitted seconds-per-byte slope; a slope <= 0 (time that does not grow with the
+    bytes, within the noise) is an unmeasurably fast link: inf."""
+    return float(1.0 / inv_bw) if inv_bw > 0 else math.inf
+
+
 def fit_link(points: list[tuple[int, float, float]], *, latency_model: str = "per_peer",
              source: str = "") -> Link:
     """Fit latency and bandwidth from all-to-all measurements (peers, bytes sent off-rank, seconds).
@@ -376,13 +384,13 @@ def fit_link(points: list[tuple[int, float, float]], *, latency_model: str = "pe
     t = np.array([p[2] for p in points], float)
     if latency_model == "per_peer":
         a, inv_bw = fit_linear(np.stack([peers, nbytes], 1), t)
-        return Link(0.0, float(a), float(1.0 / inv_bw) if inv_bw > 0 else math.inf, source)
+        return Link(0.0, float(a), _bandwidth(inv_bw), source)
     if latency_model == "fixed":
         a, inv_bw = fit_linear(np.stack([np.ones_like(t), nbytes], 1), t)
-        return Link(float(a), 0.0, float(1.0 / inv_bw) if inv_bw > 0 else math.inf, source)
+        return Link(float(a), 0.0, _bandwidth(inv_bw), source)
     if latency_model == "both":
         a0, a1, inv_bw = fit_linear(np.stack([np.ones_like(t), peers, nbytes], 1), t)
-        return Link(float(a0), float(a1), float(1.0 / inv_bw) if inv_bw > 0 else math.inf, source)
+        return Link(float(a0), float(a1), _bandwidth(inv_bw), source)
     raise ValueError(latency_model)
 
 
@@ -405,13 +413,13 @@ def fit_link_overheads(points: list[tuple[str, int, float, float]], *, latency_m
         keys = [k for k in DATA_A2A_KEYS if any(p[0] == k for p in points)]
         onehot = [np.array([1.0 if p[0] == k else 0.0 for p in points]) * peers for k in keys]
         c = fit_linear(np.stack([np.ones_like(t), peers, nbytes, *onehot], 1), t)
-        bw = float(1.0 / c[2]) if c[2] > 0 else math.inf
+        bw = _bandwidth(c[2])
         return Link(float(c[0]), float(c[1]), bw, source), {k: float(v) for k, v in zip(keys, c[3:], strict=True)}
     keys = sorted({p[0] for p in points}, key=lambda k: (k != "counts_fwd", k))
     site = peers if latency_model == "per_peer" else np.ones_like(t)
     onehot = [np.array([1.0 if p[0] == k else 0.0 for p in points]) * site for k in keys]
     c = fit_linear(np.stack([nbytes, *onehot], 1), t)
-    bw = float(1.0 / c[0]) if c[0] > 0 else math.inf
+    bw = _bandwidth(c[0])
     offsets = {k: float(v) for k, v in zip(keys, c[1:], strict=True)}
     base = min(offsets.values()) if offsets else 0.0
     link = Link(base, 0.0, bw, source) if latency_model == "fixed" else Link(0.0, base, bw, source)

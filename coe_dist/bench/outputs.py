@@ -18,6 +18,7 @@ import csv
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,29 +137,28 @@ def _phase_order(pk: str) -> tuple[int, int]:
     return (0, i) if direction == "fwd" else (1, -i)
 
 
-def write_measurements(path: Path, rows: list[dict]) -> Path:
+def write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict]) -> Path:
+    """One line per row with the columns `fields` (a row's other keys are left out)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=MEASUREMENT_FIELDS)
+        w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: r[k] for k in MEASUREMENT_FIELDS})
+            w.writerow({k: r[k] for k in fields})
     return path
+
+
+def write_measurements(path: Path, rows: list[dict]) -> Path:
+    return write_csv(path, MEASUREMENT_FIELDS, rows)
 
 
 def write_summary_csv(path: Path, summaries: list[dict]) -> Path:
     config_keys = list(BenchCase().to_dict())
     fields = ["case", *config_keys, "phase", "median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "n"]
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for s in summaries:
-            items = list(s["phases"].items()) + [("step", s["step"]), ("comm", s["comm"])]
-            for pk, st in items:
-                w.writerow({"case": s["case"], **s["config"], "phase": pk,
-                            **{f"{k}_ms": st[k] * 1e3 for k in ("median", "p25", "p75", "min", "max")},
-                            "n": st["n"]})
-    return path
+    rows = ({"case": s["case"], **s["config"], "phase": pk,
+             **{f"{k}_ms": st[k] * 1e3 for k in ("median", "p25", "p75", "min", "max")}, "n": st["n"]}
+            for s in summaries for pk, st in [*s["phases"].items(), ("step", s["step"]), ("comm", s["comm"])])
+    return write_csv(path, fields, rows)
 
 
 def write_json(path: Path, data: Any) -> Path:

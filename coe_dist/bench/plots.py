@@ -30,6 +30,15 @@ def _cfg(s: dict) -> dict:
     return s["config"]
 
 
+def save_png(fig, path: Path) -> Path:
+    """Lay out, write and close a figure (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _phase_totals(s: dict) -> dict[str, float]:
     """Median seconds per phase per step, forward + backward."""
     out: dict[str, float] = defaultdict(float)
@@ -93,11 +102,7 @@ def breakdown_vs_ep(summaries: list[dict], path: Path, *, max_groups: int = 6) -
     ax.set_ylabel("median step time per phase (ms, fwd + bwd)")
     ax.set_title("Step time by phase vs expert-parallel size (forced-balanced routing)")
     ax.legend(fontsize=7, ncol=2, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def share_vs_c(summaries: list[dict], path: Path) -> Path | None:
@@ -138,11 +143,7 @@ def share_vs_c(summaries: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("all-to-all time / step time (%)")
     axes[0].legend(fontsize=6.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def bytes_rounds(summaries: list[dict], path: Path) -> Path | None:
@@ -177,11 +178,7 @@ def bytes_rounds(summaries: list[dict], path: Path) -> Path | None:
     a2.set_title("Rounds per step: grow with C")
     a2.set_xticks(allc)
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def routing_label(c: dict) -> str:
@@ -218,11 +215,7 @@ def skew_effect(summaries: list[dict], path: Path) -> Path | None:
     ax.set_title(f"Routing skew: C{c['iterations']}K{c['top_k']} N{c['num_experts']} d{c['hidden']} "
                  f"T{c['tokens']} P{c['ep_size']} (load = busiest rank / mean)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def run_plots(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -237,4 +230,4 @@ def run_plots(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return made
 
 
-__all__ = ["breakdown_vs_ep", "share_vs_c", "bytes_rounds", "skew_effect", "run_plots", "COMM_PHASES"]
+__all__ = ["breakdown_vs_ep", "share_vs_c", "bytes_rounds", "skew_effect", "run_plots", "save_png", "COMM_PHASES"]

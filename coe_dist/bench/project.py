@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coe_dist.bench.model import Profile, Workload, load_profile, predict_step
+from coe_dist.bench.outputs import write_csv, write_json
 from coe_dist.config import RunConfig, load_config
 from coe_dist.errors import UserError
 
@@ -126,8 +127,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from coe_dist.bench.plots import plt, save_png  # importing plots selects the Agg backend
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     gpus = sorted({r["gpus"] for r in rows})
@@ -157,11 +157,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     a2.legend(fontsize=8)
     a2.set_title("Exposed communication share")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def run(args) -> int:
@@ -179,15 +175,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"profile": profile.name, "profile_description": profile.description, "model": args.model,
             "moe_model": args.moe_model or "derived equal-FLOP MoE", "ep_size": args.ep_size, "gpus": gpus}
-    (out / "projection.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    import csv
-
-    with (out / "projection.csv").open("w", newline="") as fh:
-        fields = [k for k in rows[0] if k != "phases_ms"]
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in fields})
+    write_json(out / "projection.json", {"meta": meta, "rows": rows})
+    write_csv(out / "projection.csv", [k for k in rows[0] if k != "phases_ms"], rows)
     png = plot(rows, out / "projection.png", f"{label(coe)} vs {label(moe)} on {profile.name} "
                                             f"(T={rows[0]['tokens_per_gpu']} tokens/GPU, ep {args.ep_size})")
     if args.json:

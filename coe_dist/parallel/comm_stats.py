@@ -1,8 +1,9 @@
 """Per (layer, iteration, direction) all-to-all time and bytes, and dropped-token counts.
 
-The dispatcher records into a `CommStats`; the trainer reads `summary()` and `reset()`s it each logging
-interval. Timings are wall clock around the (blocking) collective; on CUDA the CPU waits for the
-collective's stream, so the figure is the exposed communication time.
+The dispatcher records into a `CommStats`; the trainer reads `summary()`, totals since the start (its
+per-log-step figures are differences of totals: `train/moe_metrics.CommDelta`). Timings are wall clock
+around a blocking collective, or around the wait() of an asynchronous one: the exposed communication time
+(on CUDA the CPU waits for the collective's stream).
 """
 
 from __future__ import annotations
@@ -63,5 +64,6 @@ class CommStats:
         return out
 
     def reset(self) -> None:
+        """Start counting afresh (the benchmarks measure one step at a time)."""
         self.records.clear()
         self.dropped.clear()

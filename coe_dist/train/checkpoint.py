@@ -246,11 +246,12 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
-def find_resumable(run_dir: Path, warn=print) -> Path | None:
-    """The newest checkpoint that verifies; incomplete or corrupted ones are skipped with a warning."""
+def newest_verified(run_dir: Path, warn=print) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that verifies and its meta, or (None, None); incomplete or corrupted ones are
+    skipped with a warning. Hand the meta to `load` so that it does not hash the files a second time."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
-        return None
+        return None, None
     for tmp in sorted(root.glob(".tmp-step_*")):
         warn(f"coe-dist: skipping incomplete checkpoint {tmp} (interrupted while being written)")
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
@@ -258,14 +259,14 @@ def find_resumable(run_dir: Path, warn=print) -> Path | None:
     for step in candidates:
         path = root / f"step_{step}"
         try:
-            verify(path)
+            meta = verify(path)
         except CheckpointError as e:
             warn(f"coe-dist: skipping checkpoint {path}: {e}")
             continue
         if latest and latest != path.name:
             warn(f"coe-dist: 'latest' names {latest} but the newest good checkpoint is {path.name}; using it")
-        return path
-    return None
+        return path, meta
+    return None, None
 
 
 # ------------------------------------------------------------------ load
@@ -293,9 +294,12 @@ def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer):
         yield name, p, full
 
 
-def load(path: Path, model: CoETransformer, engine) -> dict[str, Any]:
-    """Collective: restore weights and optimizer state into any layout. Returns meta (step, data state...)."""
-    meta = verify(path)
+def load(path: Path, model: CoETransformer, engine, verified: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Collective: restore weights and optimizer state into any layout. Returns meta (step, data state...).
+    `verified`: the meta that verify/newest_verified returned for `path` just before this call; load then
+    skips hashing the (multi-GB) files again. Pass it only straight from there: what is read is what was
+    verified only if nothing rewrote the files in between. Without it, load verifies them itself."""
+    meta = verify(path) if verified is None else verified
     opt_step = int(meta["optimizer_step"])
     zero = _zero_optimizer(engine, create_state=True)
     for _name, p, full in _read_full_states(path, meta, model):
@@ -315,11 +319,6 @@ def load_weights(path: Path, model: CoETransformer) -> dict[str, Any]:
     for _name, p, full in _read_full_states(path, meta, model):
         p.copy_(full["param"].to(p.dtype))
     return meta
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """The run config a checkpoint was saved with (from meta.json)."""
-    return verify(path)["config"]
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:

@@ -41,7 +41,7 @@ from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backe
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint, guards
 from coe_dist.train.metrics import MetricsLogger
-from coe_dist.train.moe_metrics import CommDelta, routing_metrics, start_recording
+from coe_dist.train.moe_metrics import CommDelta, comm_totals, routing_metrics, start_recording
 from coe_dist.train.run_info import write_run_info
 
 
@@ -202,18 +202,19 @@ def _restarted(penv: ProcessEnv) -> int:
 
 def _maybe_resume(resume, run_dir, model, engine, data, penv, guard) -> int:
     restarted = _restarted(penv)
-    path = None
+    path = verified = None  # verified: the meta of the checkpoint newest_verified has just hashed
     if restarted:  # a restart always continues where the job got to, whatever --resume said
-        path = checkpoint.find_resumable(run_dir, warn=lambda m: say(penv, m))
+        path, verified = checkpoint.newest_verified(run_dir, warn=lambda m: say(penv, m))
         if path is None and resume not in (None, "none", "auto"):
             path = Path(resume)
         _refuse_to_repeat_a_stop(run_dir, path)
     else:
         if penv.rank == 0:  # started by hand: a stop the user has seen no longer holds back restarts
             (run_dir / STOPPED).unlink(missing_ok=True)
-        if resume and resume != "none":
-            path = (checkpoint.find_resumable(run_dir, warn=lambda m: say(penv, m)) if resume == "auto"
-                    else Path(resume))
+        if resume == "auto":
+            path, verified = checkpoint.newest_verified(run_dir, warn=lambda m: say(penv, m))
+        elif resume and resume != "none":
+            path = Path(resume)
     if path is None:
         if resume or restarted:
             say(penv, f"coe-dist: no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
@@ -222,7 +223,7 @@ def _maybe_resume(resume, run_dir, model, engine, data, penv, guard) -> int:
         raise checkpoint.CheckpointError(f"--resume {path}: no such checkpoint directory: give a "
                                          "<run_dir>/checkpoints/step_N directory, or --resume auto")
     try:
-        meta = checkpoint.load(path, model, engine)
+        meta = checkpoint.load(path, model, engine, verified)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{e}: resume from another checkpoint, or with --resume auto (which "
                                          "skips damaged ones)") from None
@@ -381,7 +382,7 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
             say(penv, f"coe-dist: stopped by signal at step {step}; resume with --resume auto")
             break
     where.phase = "shutdown"
-    result.comm = _comm_summary(model)
+    result.comm = comm_totals(model)
     say(penv, format_comm_summary(result.comm))
     if result.stopped_by_signal:
         sys.exit(128 + result.stopped_by_signal)
@@ -481,13 +482,6 @@ def _validate(cfg, penv, engine, data, logger, device, step) -> float:
     logger.scalars(step, {"valid/loss": loss, "valid/perplexity": ppl})
     say(penv, f"valid  {step:>6}/{cfg.train.steps}  loss {loss:.4f}  ppl {ppl:.2f}")
     return loss
-
-
-def _comm_summary(model) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for layer in model.coe_layers():
-        out.update(layer.dispatcher.stats.summary())
-    return out
 
 
 def format_comm_summary(comm: dict[str, float]) -> str:

@@ -43,6 +43,15 @@ def routing_metrics(model: CoETransformer, world_size: int) -> tuple[dict[str, f
     return scalars, hists
 
 
+def comm_totals(model: CoETransformer) -> dict[str, float]:
+    """Every CoE layer's dispatcher counters since this process started, per (layer, iteration, direction):
+    all-to-all calls, seconds and bytes, and dropped token copies (see CommStats.summary)."""
+    totals: dict[str, float] = {}
+    for layer in model.coe_layers():
+        totals.update(layer.dispatcher.stats.summary())
+    return totals
+
+
 class CommDelta:
     """All-to-all and drop counters per logging interval (the dispatchers' counters only ever grow)."""
 
@@ -50,9 +59,7 @@ class CommDelta:
         self.last: dict[str, float] = {}
 
     def __call__(self, model: CoETransformer) -> dict[str, float]:
-        now: dict[str, float] = {}
-        for layer in model.coe_layers():
-            now.update(layer.dispatcher.stats.summary())
+        now = comm_totals(model)
         delta = {k: v - self.last.get(k, 0.0) for k, v in now.items() if not k.endswith("/calls")}
         self.last = now
         return delta
