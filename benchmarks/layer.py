@@ -10,8 +10,7 @@ For CoE-2(4/N) and MoE(8/N) (same FLOPs), in one run:
 
 FLOPs counted per iteration, forward: routed 2*T*K*3*d*f, shared 2*T*3*d*(S*f), router 2*T*d*N;
 backward = 2 x forward. Element-wise work, permutation and the weight casts are overhead, not FLOPs.
-Two tables: medians and bests (minimum) of the timed calls. "+ reuse_weight_casts" is our layer with one
-cast of the expert weights shared by the C iterations (`GroupedExperts.reuse_weight_casts()`).
+Two tables: medians and bests (minimum) of the timed calls.
 
 On a shared machine, 2 threads and wall-clock time can be slowed 10x and more by other processes (every
 op's OpenMP barrier waits for a descheduled thread): `--threads 1 --clock cpu` (process CPU time) is the
@@ -163,12 +162,7 @@ def profile_layer(layer: CoELayer, u_BLD, grad_BLD, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def _step_fn(module, u_BLD, grad_BLD, cast_scope: bool = False):
-    if cast_scope:
-        def step():
-            with module.experts.reuse_weight_casts():
-                _fwd_bwd(module, u_BLD, grad_BLD, True)
-        return step
+def _step_fn(module, u_BLD, grad_BLD):
     return lambda: _fwd_bwd(module, u_BLD, grad_BLD, True)
 
 
@@ -176,15 +170,13 @@ def _rates(times: dict[str, list[float]], stat, fl: dict, gemm_flops: float, big
     t = {k: stat(v) for k, v in times.items()}
     gemm, big = gemm_flops / t["gemm_set"], big_flops / t["big_gemm"]
     out = {"gemm_set_tflops": gemm / 1e12, "big_gemm_tflops": big / 1e12}
-    for name in ("ours", "ours_cast_scope", "reference"):
+    for name in ("ours", "reference"):
         if name in t:
             rate = fl["train"] / t[name]
             out[name] = {"ms": 1e3 * t[name], "tflops": rate / 1e12, "pct_of_gemm_set": 100 * rate / gemm,
                          "pct_of_big_gemm": 100 * rate / big}
     if "reference" in t:
-        for name in ("ours", "ours_cast_scope"):
-            if name in t:
-                out[name]["speedup_vs_reference"] = t["reference"] / t[name]
+        out["ours"]["speedup_vs_reference"] = t["reference"] / t["ours"]
     return out
 
 
@@ -224,8 +216,6 @@ def run(args) -> dict:
         gemm_fn, gemm_flops = make_gemm_set(cfg, T, d)
         big_fn, big_flops = make_big_gemm(T, cfg.top_k, d, args.ffn)
         fns = {"gemm_set": gemm_fn, "big_gemm": big_fn, "ours": _step_fn(layer, u_BLD, grad_BLD)}
-        if hasattr(layer.experts, "reuse_weight_casts") and cfg.iterations > 1:
-            fns["ours_cast_scope"] = _step_fn(layer, u_BLD, grad_BLD, cast_scope=True)
         if not args.no_reference:
             fns["reference"] = _step_fn(ref, u_BLD, grad_BLD)
         times = interleaved(fns, args.repeats, args.warmup, {"reference": args.ref_repeats}, clock=args.clock)
@@ -251,8 +241,7 @@ def print_table(results: dict, stat: str) -> None:
     print("-" * len(head))
     for name, r in results["configs"].items():
         s = r[stat]
-        for variant, label in (("ours", name), ("ours_cast_scope", "  + reuse_weight_casts"),
-                               ("reference", "  reference")):
+        for variant, label in (("ours", name), ("reference", "  reference")):
             if variant not in s:
                 continue
             v = s[variant]
