@@ -134,8 +134,8 @@ def verdict(a: Result, b: Result, expected: str) -> str:
     diff, noise = a.mean - b.mean, a.half_spread + b.half_spread
     if abs(diff) <= noise:
         return "holds (within seed spread)" if expected == "equal" else "not resolved (within seed spread)"
-    if expected == "equal":
-        return f"does not hold: A is {'lower' if diff < 0 else 'higher'} beyond the spread"
+    if expected == "equal":  # "A matches B": a lower A is more than the claim, a higher one falls short of it
+        return "holds, and more: A is lower beyond the spread" if diff < 0 else "does not hold: A is higher"
     return "holds" if diff < 0 else "reversed"
 
 

@@ -77,7 +77,9 @@ def test_verdict_reversed_and_unequal():
     a = repro.Result("a", [2.0, 2.0], [], 1, 1, 0.0, 0.0)
     b = repro.Result("b", [1.0, 1.2], [], 1, 1, 0.0, 0.0)
     assert repro.verdict(a, b, "lower") == "reversed"
-    assert repro.verdict(a, b, "equal") == "does not hold: A is higher beyond the spread"
+    assert repro.verdict(a, b, "equal") == "does not hold: A is higher"
+    assert repro.verdict(b, a, "equal") == "holds, and more: A is lower beyond the spread"
+    assert repro.verdict(b, a, "lower") == "holds"
 
 
 def _slurm_repro(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
