@@ -31,23 +31,6 @@ def timed(fn: Callable[[], object], clock: str = "wall") -> float:
     return now() - t0
 
 
-def tune_glibc_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1) -> bool:
-    """Keep large blocks in the malloc heap instead of fresh mmap()s. By default glibc serves every block
-    over 32 MiB with mmap and unmaps it on free, so each large tensor (a [64, 704, 512] fp32 gradient, a
-    [T*K, d] fp32 buffer) pays page faults and kernel zeroing on every allocation, which costs several
-    times the copy it was allocated for. Process-wide; returns False where glibc's mallopt is missing."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(
-            libc.mallopt(m_trim_threshold, trim_threshold))
-    except (OSError, AttributeError):
-        return False
-
-
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                 repeats_of: dict[str, int] | None = None, clock: str = "wall") -> dict[str, list[float]]:
     """Time each function `repeats` times after `warmup` untimed calls, round-robin so that drift in the

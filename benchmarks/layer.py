@@ -14,7 +14,8 @@ Two tables: medians and bests (minimum) of the timed calls.
 
 On a shared machine, 2 threads and wall-clock time can be slowed 10x and more by other processes (every
 op's OpenMP barrier waits for a descheduled thread): `--threads 1 --clock cpu` (process CPU time) is the
-contention-robust measurement. `--malloc-tuning` keeps big blocks in glibc's heap (see common.py).
+contention-robust measurement. `--malloc-tuning` keeps big blocks in glibc's heap
+(coe_dist/train/allocator.py; the trainer does so on CPU).
 
     .venv/bin/python benchmarks/layer.py                    # full: T=4096, d=512, f=352, N=64, S=1
     .venv/bin/python benchmarks/layer.py --threads 1 --clock cpu [--malloc-tuning]
@@ -32,14 +33,15 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks.common import environment, interleaved, summary, tune_glibc_malloc, write_json
+    from benchmarks.common import environment, interleaved, summary, write_json
     from benchmarks.reference_coe import ReferenceCoE
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, interleaved, summary, tune_glibc_malloc, write_json
+    from common import environment, interleaved, summary, write_json
     from reference_coe import ReferenceCoE
 
 from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
+from coe_dist.train.allocator import tune_glibc_malloc
 
 BF16 = torch.bfloat16
 

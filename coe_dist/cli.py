@@ -38,8 +38,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
         check_world(cfg, args.nproc)  # fail before starting any process
         return _spawn_torchrun(args)
+    from coe_dist.train import allocator
     from coe_dist.train.loop import train
 
+    if "RANK" not in os.environ:  # one process started here; torchrun's trainers set it in coe_dist.train
+        print(f"coe-dist: {allocator.configure()}", flush=True)
     train(cfg, resume=args.resume)
     return 0
 

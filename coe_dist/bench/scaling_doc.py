@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MS = 1e3
 
 
+COMM_KEYS = ('counts_fwd', 'dispatch_fwd', 'combine_fwd', 'dispatch_bwd', 'combine_bwd')
+
+
 def _tag(run: dict[str, Any]) -> list[dict]:
     return [dict(s, world=run["meta"]["world"]) for s in run["cases"]]
 
@@ -401,8 +404,12 @@ Why the misses (fitted coefficients and case lists: `docs/scaling/validation.jso
 * the small local phases (route, ungroup) are a few hundred microseconds, where a descheduled rank or a cache
   miss is a large fraction; with one hidden size in fit 1, the router's d-dependent backward GEMMs cannot be
   told apart from its per-token work (route_bwd at the other d);
-* ep 4 adds 2 more peers per all-to-all on 2 cores shared by 4 processes: the per-peer latency fitted at ep 2
-  carries over within about 10-30%;
+* ep 4 from ep 2 (the all-to-alls): at ep 2 every exchange has exactly one peer, so a fit on ep 2 cannot tell
+  a per-call latency from a per-peer one; the model charges all of it per peer, 3 peers at ep 4, and the
+  signed median errors there are {', '.join(f"{k} {val['errors'][k]['ep 4 from ep 2']['median_signed'] * 100:+.0f}%"
+                                   for k in COMM_KEYS)}
+  (positive: predicted too slow). Fitting the split needs one more point on the peer axis from the machine
+  being modelled: an all-to-all sweep at 3 or more ranks, or a point-to-point one, in `--calibrate`;
 * across runs (fit 1 -> the 4-rank run) the long phases suffer most: an expert backward of 10-90 ms is longer
   than a scheduler time slice, so with 4 ranks on 2 cores even the fastest rank shares its core for part of
   it, which a model of a rank with a core to itself does not include.
