@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,9 +47,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import environment, write_json
+    from benchmarks.common import environment, exit_without_destructors, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, write_json
+    from common import environment, exit_without_destructors, write_json
 
 from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
@@ -570,10 +568,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # About one exit in three here aborted in static destructors after everything was done ("terminate called
-    # without an active exception", no Python frame) once DeepSpeed's expert groups had carried an all-to-all
-    # (also with a plain CoELayer, without this script); os._exit skips those destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_destructors(main())

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -40,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import environment, write_json
+    from benchmarks.common import environment, exit_without_destructors, write_json
     from benchmarks.ep_layer import code_version, zero_grad
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, write_json
+    from common import environment, exit_without_destructors, write_json
     from ep_layer import code_version, zero_grad
 
 from coe_dist.config import MoEConfig
@@ -261,9 +259,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # As benchmarks/ep_layer.py: once DeepSpeed's expert groups have carried an all-to-all, some exits abort in
-    # static destructors after everything is done; os._exit skips them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_destructors(main())

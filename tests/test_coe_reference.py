@@ -234,13 +234,8 @@ def run_case(cfg: MoEConfig, seed: int) -> None:
 
 # ----------------------------------------------------------------------------- the grid
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of tiny float64 ops per case: intra-op threads only add overhead (3x on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Hundreds of tiny float64 ops per case: intra-op threads only add overhead (3x on 2 cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RESIDUALS = {"inner": (True, False), "outer": (False, True)}

@@ -38,13 +38,7 @@ LAUNCH_TIMEOUT_S = {2: 300, 4: 420}  # normally well under a minute; generous fo
 BASE = dict(num_experts=N, top_k=2, iterations=2, num_shared_experts=1, expert_hidden_size=F, aux_loss_coef=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
