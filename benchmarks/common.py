@@ -6,6 +6,7 @@ compared in the same run, interleaved (round-robin), and quote medians.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,25 @@ from pathlib import Path
 import torch
 
 from coe_dist.bench.machine import cpu_model, load_average
+
+
+def add_layer_shape_args(p: argparse.ArgumentParser, experts_help: str = "routed experts N") -> None:
+    """The layer shape the speed benchmarks share (issue 7's: 4096 tokens, d=512, f=352, 64 + 1 experts)."""
+    p.add_argument("--tokens", type=int, default=4096, help="tokens (per rank)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (for the seq aux loss)")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=352, help="expert width f")
+    p.add_argument("--experts", type=int, default=64, help=experts_help)
+    p.add_argument("--shared", type=int, default=1, help="shared experts")
+
+
+def batch_shape(tokens: int, seq_len: int) -> tuple[int, int]:
+    """(B, L) with B * L = tokens, sequences of seq_len (one shorter sequence if tokens < seq_len)."""
+    B = max(1, tokens // seq_len)
+    L = tokens // B
+    assert B * L == tokens, f"--tokens {tokens} must be a multiple of --seq-len {seq_len}"
+    return B, L
+
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 

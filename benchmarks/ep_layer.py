@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import environment, exit_without_destructors, write_json
+    from benchmarks.common import add_layer_shape_args, batch_shape, environment, exit_without_destructors, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, exit_without_destructors, write_json
+    from common import add_layer_shape_args, batch_shape, environment, exit_without_destructors, write_json
 
 from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
@@ -302,9 +302,7 @@ def build(args, recorder: DSAllToAllRecorder):
 def run(args) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     T, d = args.tokens, args.hidden
-    B = max(1, T // args.seq_len)
-    L = T // B
-    assert B * L == T, f"--tokens {T} must be a multiple of --seq-len {args.seq_len}"
+    B, L = batch_shape(T, args.seq_len)
 
     recorder = DSAllToAllRecorder()
     install_ds_all_to_all_timer(recorder)
@@ -512,13 +510,8 @@ def print_table(results: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (for the seq aux loss)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=352, help="expert width f")
-    p.add_argument("--experts", type=int, default=64, help="routed experts N of the large settings")
+    add_layer_shape_args(p, "routed experts N of the large settings")
     p.add_argument("--small-experts", type=int, default=8, help="routed experts of the small matched setting")
-    p.add_argument("--shared", type=int, default=1, help="shared experts of ours CoE-2(4/N) and MoE(8/N)")
     p.add_argument("--ep", type=int, default=0, help="expert-parallel size (default: world size)")
     p.add_argument("--repeats", type=int, default=15, help="timed steps per layer")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")

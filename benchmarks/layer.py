@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks.common import environment, interleaved, summary, write_json
+    from benchmarks.common import add_layer_shape_args, batch_shape, environment, interleaved, summary, write_json
     from benchmarks.reference_coe import ReferenceCoE
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, interleaved, summary, write_json
+    from common import add_layer_shape_args, batch_shape, environment, interleaved, summary, write_json
     from reference_coe import ReferenceCoE
 
 from coe_dist.config import MoEConfig
@@ -188,9 +188,7 @@ def run(args) -> dict:
     malloc_tuned = tune_glibc_malloc() if args.malloc_tuning else False
     torch.manual_seed(args.seed)
     T, d = args.tokens, args.hidden
-    B = max(1, T // args.seq_len)
-    L = T // B
-    assert B * L == T, f"--tokens {T} must be a multiple of --seq-len {args.seq_len}"
+    B, L = batch_shape(T, args.seq_len)
     env = environment()
     env["malloc_tuned"] = malloc_tuned
     print(f"torch {env['torch']}, threads {env['threads']}, cpu {env['cpu']} ({env['cpu_capability']}), "
@@ -257,12 +255,7 @@ def print_table(results: dict, stat: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (for the seq aux loss)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=352, help="expert width f")
-    p.add_argument("--experts", type=int, default=64, help="routed experts N (same for both configs)")
-    p.add_argument("--shared", type=int, default=1)
+    add_layer_shape_args(p, "routed experts N (same for both configs)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--ref-repeats", type=int, default=3, help="timed calls of the (slow) reference")
     p.add_argument("--warmup", type=int, default=2)

@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import environment, exit_without_destructors, write_json
+    from benchmarks.common import add_layer_shape_args, batch_shape, environment, exit_without_destructors, write_json
     from benchmarks.ep_layer import code_version, zero_grad
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, exit_without_destructors, write_json
+    from common import add_layer_shape_args, batch_shape, environment, exit_without_destructors, write_json
     from ep_layer import code_version, zero_grad
 
 from coe_dist.config import MoEConfig
@@ -110,9 +110,7 @@ def check(layers: dict[str, CoELayer], u_BLD: torch.Tensor, grad_BLD: torch.Tens
 
 def run(args) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    B = max(1, args.tokens // args.seq_len)
-    L = args.tokens // B
-    assert B * L == args.tokens, f"--tokens {args.tokens} must be a multiple of --seq-len {args.seq_len}"
+    B, L = batch_shape(args.tokens, args.seq_len)
     layers = build(args)
     g = torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)  # every rank routes its own tokens
     u_BLD = torch.randn(B, L, args.hidden, generator=g)
@@ -223,12 +221,7 @@ def save(path: str, results: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (for the seq aux loss)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=352, help="expert width f")
-    p.add_argument("--experts", type=int, default=64, help="routed experts N")
-    p.add_argument("--shared", type=int, default=1, help="shared experts")
+    add_layer_shape_args(p)
     p.add_argument("--repeats", type=int, default=15, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--tolerance", type=float, default=1e-4,

@@ -41,8 +41,10 @@ def _train(args: argparse.Namespace) -> int:
     from coe_dist.train import allocator
     from coe_dist.train.loop import train
 
-    if "RANK" not in os.environ:  # one process started here; torchrun's trainers set it in coe_dist.train
-        print(f"coe-dist: {allocator.configure()}", flush=True)
+    # Every trainer process, before its model exists: the malloc thresholds only affect later blocks.
+    note = allocator.configure()
+    if all(os.environ.get(var, "0") == "0" for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        print(f"coe-dist: {note}", flush=True)
     train(cfg, resume=args.resume)
     return 0
 

@@ -66,11 +66,8 @@ def test_summary_table_and_verdicts(tmp_path):
     written = out.read_text()
     assert written.startswith("# intro kept\n<!-- table -->\n") and "old table" not in written
     assert (tmp_path / "docs" / "repro" / "valid_loss.png").stat().st_size > 1000
-    assert load_params(repro.load_result("coe-2-4of64", groups["coe-2-4of64"])) == (1000, 600)
-
-
-def load_params(result) -> tuple[int, int]:
-    return result.params, result.expert_params
+    coe = repro.load_result("coe-2-4of64", groups["coe-2-4of64"])
+    assert (coe.params, coe.expert_params) == (1000, 600)
 
 
 def test_verdict_reversed_and_unequal():

@@ -4,17 +4,8 @@ import logging
 import os
 import sys
 
-from coe_dist.cli import EXIT_CONFIG, main
-from coe_dist.train import allocator
+from coe_dist.cli import main
 
-# Before the model exists: the malloc thresholds only affect blocks allocated after they are set.
-try:
-    note = allocator.configure()
-except ValueError as e:
-    print(f"coe-dist: config error: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_CONFIG)
-if all(os.environ.get(var, "0") == "0" for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
-    print(f"coe-dist: {note}", flush=True)
 code = main(["train", *sys.argv[1:]])
 # Leave without interpreter teardown: destroying gloo process groups created through DeepSpeed's groups
 # aborts the process now and then ("terminate called without an active exception"), which would turn a
