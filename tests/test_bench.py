@@ -155,6 +155,34 @@ def test_fit_with_call_site_overheads_recovers_them():
         assert got[key] == pytest.approx(o, rel=0.01)
 
 
+def test_fit_separates_per_call_and_per_peer_latency_from_two_group_sizes():
+    a0, a1, bw = 40e-6, 90e-6, 2e9
+    pts = [(peers, float(b), a0 + peers * a1 + b / bw) for peers in (1, 2) for b in np.logspace(3, 7, 8)]
+    link = cm.fit_link(pts, latency_model="both")
+    assert (link.latency_s, link.latency_per_peer_s) == pytest.approx((a0, a1), rel=0.01)
+    assert link.bandwidth_Bps == pytest.approx(bw, rel=0.01)
+    assert link.time(3, 1e6) == pytest.approx(a0 + 3 * a1 + 1e6 / bw, rel=0.01)  # a group size it never saw
+
+
+def test_call_site_overheads_are_the_residuals_over_the_swept_link():
+    """Grid all-to-alls = link + a fixed overhead per call site (+ the host sync for the count exchange):
+    the residuals recover them, per call for a 'both' link (so a call at ep 4 costs link(3 peers) + o)."""
+    link = cm.Link(latency_s=30e-6, latency_per_peer_s=70e-6, bandwidth_Bps=1e9)
+    over, sync = {"dispatch_fwd": 120e-6, "combine_bwd": 45e-6}, 25e-6
+    obs = []
+    for P in (2, 4):
+        case = BenchCase(iterations=1, top_k=2, num_experts=8, hidden=64, tokens=256, ep_size=P)
+        w = cm.Workload.from_case(case)
+        counts_bytes = (P - 1) * (case.local_experts + 1) * 8
+        obs.append(cm.Observation(case, "counts_fwd", link.time(P - 1, counts_bytes) + sync))
+        for key, o in over.items():
+            obs.append(cm.Observation(case, key, link.time(P - 1, w.bytes_offrank) + o, bytes_offrank=w.bytes_offrank))
+    phases, host_sync = cm.call_site_overheads(link, obs, "both", "synthetic")
+    assert host_sync == pytest.approx(sync, rel=1e-6)
+    assert {k: a.fixed_s for k, a in phases.items()} == pytest.approx(over, rel=1e-6)
+    assert all(a.per_unit_s == 0 for a in phases.values())
+
+
 def test_fit_affine_is_non_negative_and_exact_on_a_line():
     a, b = cm.fit_affine([1, 2, 4, 8], [3 + 2 * x for x in (1, 2, 4, 8)])
     assert (a, b) == pytest.approx((3, 2))
@@ -267,8 +295,36 @@ def test_bench_two_ranks_with_calibration(tmp_path):
 
 
 def test_bench_four_ranks_two_ep_sizes(tmp_path):
-    out, took = _run_bench(tmp_path, 4, ["--ep-size", "2,4"])
+    out, took = _run_bench(tmp_path, 4, ["--ep-size", "2,4", "--calibrate"])
     _check_outputs(out, 4)
-    sizes = {c["config"]["ep_size"] for c in json.loads((out / "summary.json").read_text())["cases"]}
-    assert sizes == {2, 4}
+    data = json.loads((out / "summary.json").read_text())
+    assert {c["config"]["ep_size"] for c in data["cases"]} == {2, 4}
+    # The link sweep covers every group size of the node, 3 included (rank 3 idles meanwhile), so the fit
+    # can tell a per-call latency from a per-peer one.
+    sweep = data["calibration"]["a2a"]
+    assert {r["P"] for r in sweep} == {2, 3, 4}
+    assert all(0 < r["seconds"] <= r["seconds_slowest_rank"] < 1 for r in sweep)
+    link = cm.load_profile(out / "profile.yaml").links["intra"]
+    assert "latency model both" in link.source and link.bandwidth_Bps > 0
     assert took < 60, f"4-rank CI bench took {took:.0f} s (issue 6: under a minute)"
+
+
+def test_a_rerun_replaces_the_tensorboard_events_of_the_last_run(tmp_path):
+    from coe_dist.bench.outputs import write_tensorboard
+
+    stale = tmp_path / "events.out.tfevents.1700000000.oldhost.1.0"
+    stale.write_bytes(b"last run")
+    write_tensorboard(tmp_path, [], [])
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0] != stale
+
+
+def test_validation_fits_ep_2_without_any_ep_4_measurement():
+    from coe_dist.bench.validate import training_sweep
+
+    run4 = {"cases": [{"config": {"ep_size": 2}}, {"config": {"ep_size": 4}}],
+            "calibration": {"a2a": [{"P": P, "bytes_offrank": b, "seconds": 1e-3} for P in (2, 3, 4) for b in (1, 2)]}}
+    assert {r["P"] for r in training_sweep(run4)} == {2, 3}
+    run4["calibration"]["a2a"] = [r for r in run4["calibration"]["a2a"] if r["P"] != 3]
+    assert training_sweep(run4) is None  # one group size left: it cannot split the latency
+    assert training_sweep({"cases": run4["cases"]}) is None

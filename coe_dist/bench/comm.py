@@ -13,6 +13,7 @@ sizes) and writes a cluster profile YAML fitted from them and from the grid (loc
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import socket
@@ -26,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from coe_dist.bench import outputs
-from coe_dist.bench.grid import DTYPES, BenchCase, count_exchange_bytes, stable_seed, validate_case
+from coe_dist.bench.grid import DTYPES, BenchCase, stable_seed, validate_case
 from coe_dist.bench.layer import BenchLayer, _Tape, backward
 from coe_dist.bench.machine import cpu_model, load_average
-from coe_dist.bench.model import Affine, Profile, fit_linear, fit_link, fit_profile, overhead_affine
+from coe_dist.bench.model import COMM_PHASES, Affine, Profile, call_site_overheads, fit_linear, fit_link, fit_profile
 from coe_dist.bench.timing import PhaseTimer, barrier, wall
 
 # ---------------------------------------------------------------- process group
@@ -70,6 +71,22 @@ def make_groups(sizes: list[int], world: int, rank: int) -> dict[int, Any]:
             group = dist.new_group(ranks)
             if rank in ranks:
                 mine[P] = group
+    return mine
+
+
+def node_local_groups(sizes: list[int], world: int, ranks_per_node: int, rank: int) -> dict[int, Any | None]:
+    """Groups for the link sweep: P consecutive ranks inside one node, as many as fit in each node; a rank
+    left over (P not dividing the ranks per node) gets None and waits while the others measure. Every
+    rank calls new_group for every group, in the same order."""
+    mine: dict[int, Any | None] = {}
+    for P in sorted(set(sizes)):
+        mine[P] = None
+        for node_start in range(0, world, ranks_per_node):
+            for start in range(node_start, node_start + ranks_per_node - P + 1, P):
+                ranks = list(range(start, start + P))
+                group = dist.group.WORLD if P == world else dist.new_group(ranks)
+                if rank in ranks:
+                    mine[P] = group
     return mine
 
 
@@ -156,20 +173,25 @@ def gather_rows(rows: list[dict], walls: dict[str, list[float]], rank: int) -> t
 
 # ---------------------------------------------------------------- calibration microbenchmarks
 
-def _medians(times: list[float]) -> tuple[float, float]:
-    """Median over repeats of the fastest and of the slowest rank's time (all ranks of the world)."""
+def _medians(times: list[float], idle: bool = False) -> tuple[float, float]:
+    """Median over repeats of the fastest and of the slowest rank's time (all ranks of the world that
+    measured: an idle rank's inf / -inf never wins the min / max)."""
     lo = torch.tensor(times, dtype=torch.float64)
     hi = lo.clone()
+    if idle:
+        lo.fill_(math.inf)
+        hi.fill_(-math.inf)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     return statistics.median(lo.tolist()), statistics.median(hi.tolist())
 
 
-def calibrate_a2a(groups: dict[int, Any], device: torch.device, dtype: torch.dtype, sizes: list[int],
+def calibrate_a2a(groups: dict[int, Any | None], device: torch.device, dtype: torch.dtype, sizes: list[int],
                   repeats: int, warmup: int = 2) -> list[dict]:
     """Even all-to-all in every group size at every message size (bytes each rank holds, own slice
     included); returns rows (P, bytes_total, bytes_offrank, seconds = median of the fastest rank, and of
-    the slowest). Ranks of different groups of one size run at the same time, as in the bench."""
+    the slowest). Ranks of different groups of one size run at the same time, as in the bench; a rank in no
+    group of a size (None) only keeps the barriers."""
     from coe_dist.parallel.dispatch import _all_to_all
 
     el = torch.tensor([], dtype=dtype).element_size()
@@ -187,13 +209,14 @@ def calibrate_a2a(groups: dict[int, Any], device: torch.device, dtype: torch.dty
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                _all_to_all(x, splits, splits, group)
+                if group is not None:
+                    _all_to_all(x, splits, splits, group)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             total = rows_per_peer * P * 64 * el
-            fastest, slowest = _medians(times)
+            fastest, slowest = _medians(times, idle=group is None)
             out.append({"P": P, "bytes_total": total, "bytes_offrank": total * (P - 1) // P,
                         "seconds": fastest, "seconds_slowest_rank": slowest})
     return out
@@ -262,21 +285,10 @@ def build_profile(name: str, run: dict[str, Any], a2a: list[dict], gemm: list[di
     grid_prof = fit_profile(obs, name=name, latency_model=latency_model if latency_model != "both" else "per_peer",
                             cores_per_node=meta["cores_per_node"], threads_per_rank=meta["threads_per_rank"],
                             ranks_per_node=meta["ranks_per_node"], source=src + "; bench grid (fastest rank)")
-    phases = {k: v for k, v in grid_prof.phases.items() if k.rsplit("_", 1)[0] not in ("dispatch", "combine")}
+    phases = {k: v for k, v in grid_prof.phases.items() if k.rsplit("_", 1)[0] not in COMM_PHASES}
     # Call-site overheads and host sync: what the grid's all-to-alls took beyond the swept link.
-    residual: dict[str, list[float]] = {}
-    for ob in obs:
-        phase = ob.phase_key.rsplit("_", 1)[0]
-        P = ob.case.ep_size
-        if phase not in ("counts", "dispatch", "combine") or P < 2:
-            continue
-        nbytes = ob.bytes_offrank if phase != "counts" else count_exchange_bytes(P, ob.case.local_experts)
-        per = 1.0 if (phase == "counts" or latency_model == "fixed") else float(P - 1)
-        residual.setdefault(ob.phase_key, []).append((ob.seconds - link.time(P - 1, nbytes)) / per)
-    host_sync = max(0.0, statistics.median(residual.pop("counts_fwd", [0.0])))
-    for key, vals in residual.items():
-        phases[key] = overhead_affine(max(0.0, statistics.median(vals)), latency_model,
-                                      src + "; median residual of the grid's calls over the swept link (units: peers)")
+    overheads, host_sync = call_site_overheads(link, obs, latency_model, src)
+    phases.update(overheads)
     # Expert phases from the GEMM sweep: fixed + FLOPs + local expert weight bytes.
     X = np.array([[1.0, r["flops_fwd"], r["weight_bytes"]] for r in gemm])
     cf = fit_linear(X, np.array([r["fwd_s"] for r in gemm]))
@@ -340,7 +352,8 @@ def run(args) -> int:
         dtype = DTYPES[dtype_name]
         cal = settings.get("calibrate") or {}
         sizes = [int(s) for s in cal.get("a2a_bytes", [2 ** k for k in range(10, 23, 2)])]
-        sizes_groups = {P: g for P, g in make_groups([p for p in _pow2_upto(ranks_per_node)], world, rank).items()}
+        # Every group size of one node: two or more sizes separate a per-call from a per-peer latency.
+        sizes_groups = node_local_groups(list(range(2, ranks_per_node + 1)), world, ranks_per_node, rank)
         log(f"bench: calibrating all-to-all ({len(sizes)} sizes, groups {sorted(sizes_groups)}) and GEMMs")
         a2a = calibrate_a2a(sizes_groups, device, dtype, sizes, repeats=max(5, repeats))
         shapes = [tuple(s) for s in cal.get("gemm_shapes", [(c.hidden, c.expert_hidden) for c in cases[:1]] +
@@ -367,13 +380,6 @@ def run(args) -> int:
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
-
-def _pow2_upto(n: int) -> list[int]:
-    out, p = [], 2
-    while p <= n:
-        out.append(p)
-        p *= 2
-    return out
 
 
 def write_outputs(out_dir: Path, rows: list[dict], cases: list[BenchCase], walls: dict[str, list[float]],

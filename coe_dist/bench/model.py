@@ -433,6 +433,30 @@ def overhead_affine(o: float, latency_model: str, source: str) -> Affine:
     return Affine(o, 0.0, source)
 
 
+def call_site_overheads(link: Link, observations: list[Observation], latency_model: str,
+                        source: str) -> tuple[dict[str, Affine], float]:
+    """What the bench's all-to-all call sites took beyond a link fitted on a plain all-to-all sweep (median
+    residual per call site): the host sync of the count exchange, and an overhead per data call site
+    (dispatch, combine; forward, backward): autograd, allocation, split lists. The overhead is charged per
+    peer under 'per_peer' (a sweep at one group size: per-call and per-peer costs look alike) and per call
+    otherwise (the sweep's link holds the per-peer cost). Returns (phase overheads, host sync seconds)."""
+    residual: dict[str, list[float]] = {}
+    for ob in observations:
+        phase, P = ob.phase_key.rsplit("_", 1)[0], ob.case.ep_size
+        if phase not in COMM_PHASES or P < 2:
+            continue
+        nbytes = ob.bytes_offrank if phase != "counts" else (P - 1) * (ob.case.local_experts + 1) * 8
+        per = float(P - 1) if (phase != "counts" and latency_model == "per_peer") else 1.0
+        t = ob.seconds / ob.oversubscription
+        residual.setdefault(ob.phase_key, []).append((t - link.time(P - 1, nbytes)) / per)
+    host_sync = max(0.0, float(np.median(residual.pop("counts_fwd", [0.0]))))
+    unit = "peer" if latency_model == "per_peer" else "call"
+    phases = {key: overhead_affine(max(0.0, float(np.median(vals))), latency_model,
+                                   f"{source}; median residual of the grid's calls over the swept link (per {unit})")
+              for key, vals in residual.items()}
+    return phases, host_sync
+
+
 @dataclass
 class Observation:
     """One measured phase of one case: seconds per layer-iteration (median over repeats of the fastest or

@@ -173,6 +173,9 @@ def write_tensorboard(log_dir: Path, summaries: list[dict], rows: list[dict]) ->
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed: the CSV/JSON still hold everything
         return None
+    # The run directory holds one run: a rerun into it replaces the event files instead of adding a second run.
+    for old in log_dir.glob("events.out.tfevents.*"):
+        old.unlink()
     writer = SummaryWriter(log_dir=str(log_dir))
     steps: dict[tuple[str, int], dict[tuple, float]] = defaultdict(dict)
     for r in rows:

@@ -138,7 +138,12 @@ def over_25(errors: dict[str, Any]) -> str:
     return ", ".join(f"{key} in '{name}' ({v * 100:.0f}%)" for name, key, v in sorted(items))
 
 
-def generate(run2_dir: Path, run4_dir: Path, out_md: Path, *, train_hidden: int = 128,
+def signed(val: dict[str, Any], held_out: str, keys) -> str:
+    """'key +N%' per phase key: the signed median error in a held-out set (positive: predicted too slow)."""
+    return ", ".join(f"{k} {val['errors'][k][held_out]['median_signed'] * 100:+.0f}%" for k in keys)
+
+
+def generate(run2_dir: Path, run4_dir: Path, out_md: Path, *, train_hidden: tuple[int, ...] = (128, 512),
              train_tokens: tuple[int, ...] = (256, 1024)) -> Path:
     fig_dir = out_md.parent / "scaling"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +174,7 @@ def generate(run2_dir: Path, run4_dir: Path, out_md: Path, *, train_hidden: int 
          "extrapolation_in_T_median": alt["errors"],
          "profiles_median": {k: p.to_dict() for k, p in val["profiles"].items()},
          "profiles_p25": {k: p.to_dict() for k, p in val25["profiles"].items()}}, indent=1) + "\n")
+    fit2_link = val["profiles"]["fit 2"].links["intra"]
     worst = summary_errors(val["errors"])
     worst25 = summary_errors(val25["errors"])
     loads = f"{run2['meta']['load_average'][0]:.0f}-{run4['meta']['load_average'][0]:.0f}"
@@ -204,6 +210,7 @@ def generate(run2_dir: Path, run4_dir: Path, out_md: Path, *, train_hidden: int 
     n1, n_t, n_d = n.get("fit 1 (train)", 0), n.get("other T", 0), n.get("other d", 0)
     n2, n4 = n.get("fit 2 (train)", 0), n.get("ep 4 from ep 2", 0)
     tk = ", ".join(map(str, train_tokens))
+    dk = ", ".join(map(str, train_hidden))
     mib8 = f"{c8['a2a_mib_per_step']:.0f} vs {m8['a2a_mib_per_step']:.0f}"
     share64 = f"{c64['a2a_share'] * 100:.0f}% vs {m64['a2a_share'] * 100:.0f}%"
     tps64 = f"{c64['tokens_per_s_per_gpu']:,.0f} vs {m64['tokens_per_s_per_gpu']:,.0f}"
@@ -223,12 +230,12 @@ This page measures what that costs here, models it, and projects it to GPU clust
 ## Reproduce
 
 ```bash
-# 1. measure on 2 ranks (+ all-to-all and GEMM microbenchmarks -> the cpu-local profile), ~2 min
+# 1. measure on 2 ranks (+ all-to-all and GEMM microbenchmarks -> the cpu-local profile), ~3 min
 coe-dist bench comm --nproc 2 --grid configs/bench/scaling.yaml --calibrate \\
     --profile-name cpu-local --profile-out configs/profiles/cpu-local.yaml \\
     --out benchmarks/results/scaling-2ranks --report
-# 2. measure on 4 ranks, ep 2 and ep 4 interleaved in one run, ~5 min
-coe-dist bench comm --nproc 4 --grid configs/bench/scaling.yaml --ep-size 2,4 \\
+# 2. measure on 4 ranks, ep 2 and ep 4 interleaved in one run (+ the link sweep at 2, 3 and 4 ranks), ~6 min
+coe-dist bench comm --nproc 4 --grid configs/bench/scaling.yaml --ep-size 2,4 --calibrate \\
     --out benchmarks/results/scaling-4ranks --report
 # 3. project the paper configs on GPU clusters
 coe-dist bench project --profile h100-nvlink-ib400 --gpus 8,64,512,4096 --model configs/paper/coe-2-4of64.yaml
@@ -342,7 +349,8 @@ B = T*K*(P-1)/P*d*bytes sent off-rank per data all-to-all):
   normal kernels (RDMA between nodes, then NVLink forwarding):
   `a_inter(n-1) + B_inter / bw_inter + a_intra(g-1) + (B_intra + B_inter*(g-1)/g) / bw_intra`,
   B_inter = B(P-g)/(P-1), B_intra = B(g-1)/(P-1), n = ceil(P/g); `a(k) = latency + k * latency_per_peer`
-  (NCCL: fixed; gloo, which exchanges pairwise: per peer);
+  (GPU profiles: fixed; `--calibrate` fits both from its all-to-all sweep over every group size of a node,
+  all per peer when the node has 2 ranks: gloo exchanges pairwise);
 * count exchange: the same with (P-1)*E*8 bytes, plus the host sync of the split sizes; each data all-to-all
   call site may add a measured software overhead (autograd, allocation) beyond the link;
 * experts: `fixed + FLOPs / GEMM rate (+ weight bytes / memory bandwidth)`, FLOPs = 6 R d f forward, 12 R d f
@@ -367,8 +375,9 @@ those we could not source.
 
 ## Validation: fit on part of the local measurements, predict the rest
 
-Fit 1: the 2-rank run at d = {train_hidden}, T in {{{tk}}} ({n1} cases); held out: T = 512 at the same d
-({n_t} cases) and d = 256 at every T ({n_d} cases). Fit 2: the 4-rank run's ep-2 cases ({n2}); held out: its
+Fit 1: the 2-rank run at d in {{{dk}}}, T in {{{tk}}} ({n1} cases); held out: T = 512 at the same d
+({n_t} cases) and d = 256 at every T ({n_d} cases). Fit 2: the 4-rank run's ep-2 cases ({n2}) and its all-to-all
+sweep at 2 and 3 ranks (the link: two group sizes tell a per-call latency from a per-peer one); held out: its
 ep-4 cases ({n4}), and, for information only (two runs at different times and loads, which the rest of this
 page never compares), the same ep-4 cases predicted from fit 1 ("ep 4 across runs"). Fastest-rank
 times (the intrinsic cost: 4 ranks time-sharing 2 cores, plus the other jobs on the machine, make the slowest
@@ -392,7 +401,7 @@ the two tables, scheduling noise, not the model, dominates that phase:
 Largest per-phase error in each held-out set: {', '.join(f"{k} {v * 100:.0f}%" for k, v in worst25.items())}.
 At or over 25% (same): {over_25(val25['errors']) or 'none'}.
 
-Why the misses (fitted coefficients and case lists: `docs/scaling/validation.json`):
+Where the remaining errors come from (fitted coefficients and case lists: `docs/scaling/validation.json`):
 
 * the expert GEMMs on this CPU get slower per FLOP once a rank's activations leave the 1 MiB L2 (T = 1024 at
   C = 1 is 4096 rows); the affine model averages over the training range, so extrapolating in T is worse than
@@ -402,14 +411,18 @@ Why the misses (fitted coefficients and case lists: `docs/scaling/validation.jso
 * the all-to-all phases (counts, dispatch, combine) last about a millisecond here, the length of a scheduling
   delay: the bimodality above is their main source of error;
 * the small local phases (route, ungroup) are a few hundred microseconds, where a descheduled rank or a cache
-  miss is a large fraction; with one hidden size in fit 1, the router's d-dependent backward GEMMs cannot be
-  told apart from its per-token work (route_bwd at the other d);
-* ep 4 from ep 2 (the all-to-alls): at ep 2 every exchange has exactly one peer, so a fit on ep 2 cannot tell
-  a per-call latency from a per-peer one; the model charges all of it per peer, 3 peers at ep 4, and the
-  signed median errors there are {', '.join(f"{k} {val['errors'][k]['ep 4 from ep 2']['median_signed'] * 100:+.0f}%"
-                                   for k in COMM_KEYS)}
-  (positive: predicted too slow). Fitting the split needs one more point on the peer axis from the machine
-  being modelled: an all-to-all sweep at 3 or more ranks, or a point-to-point one, in `--calibrate`;
+  miss is a large fraction. Fit 1 spans two hidden sizes, so the phases with two size terms (the router: its
+  T N d multiply-adds and its T N softmax and top-k) get both fitted; one hidden size cannot tell them apart;
+* unpermute is K multiply-adds per token (`_WeightedSum` in `coe_dist/parallel/dispatch.py`), linear in T K d.
+  One [1, K] x [K, D] product per token (torch.bmm) took a slow path on this CPU for K D < 512, so K = 1 cost
+  more than K = 2 and no affine model fitted it;
+* ep 4 from ep 2 (the all-to-alls): at ep 2 every exchange has one peer, so the grid alone cannot tell a
+  per-call latency from a per-peer one. Fit 2 takes the link from the `--calibrate` all-to-all sweep at 2 and
+  3 ranks ({fit2_link.latency_s * 1e6:.0f} us per call + {fit2_link.latency_per_peer_s * 1e6:.0f} us per peer, \
+{fit2_link.bandwidth_Bps / 1e9:.2f} GB/s) and from the ep-2 cases only what
+  each call site adds to it, per call; the signed median errors at ep 4 are {signed(val, "ep 4 from ep 2", COMM_KEYS)}
+  (positive: predicted too slow). Fit 1 (2 ranks, one group size) charges all latency per peer, which
+  over-predicts the count exchange at ep 4 across runs ({signed(val, "ep 4 across runs", ["counts_fwd"])});
 * across runs (fit 1 -> the 4-rank run) the long phases suffer most: an expert backward of 10-90 ms is longer
   than a scheduler time slice, so with 4 ranks on 2 cores even the fastest rank shares its core for part of
   it, which a model of a rank with a core to itself does not include.
@@ -452,7 +465,8 @@ B / bandwidth is small.
 * The local numbers come from gloo on 2 shared CPU cores; they validate the model's structure (latency per
   round, bytes / bandwidth, compute from FLOPs) and the bench, not GPU speeds. The GPU profiles' link numbers
   are published all-to-all measurements (DeepEP), their latencies and GEMM efficiency are assumptions.
-* The projection ignores overlap of communication with compute (none in this implementation), gradient
+* The projection ignores overlap of communication with compute (the bench and the model time blocking
+  all-to-alls; `moe.overlap` and `moe.a2a_chunks` hide part of them, measured by `benchmarks/overlap.py`), gradient
   reduction, attention kernels' real efficiency and load imbalance (uniform routing: pass measured skew
   through `Workload.imbalance`).
 * Token-level deduplication (DeepEP sends a token once per node, not once per expert) is not modelled: this

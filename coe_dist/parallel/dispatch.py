@@ -125,16 +125,46 @@ def permutation(experts_TK: torch.Tensor, num_experts: int,
     return Permutation(copy_X, token_X, counts_N, T, inverse_X), dropped
 
 
+class _WeightedSum(torch.autograd.Function):
+    """out[t] = sum_k w[t,k] * y[t,k] in the gate dtype (float32), as K multiply-adds over [T, D] rows: time
+    linear in T*K*D on every device. (One [1, K] x [K, D] product per token, torch.bmm, takes a slow path on
+    CPU when K*D < 512, 4x slower per element at K = 1, and keeps a float32 copy of y for its backward.)
+    Backward: g_y is one broadcast product; g_w = <g[t], y[t,k]> needs y in float32, converted a block of
+    tokens at a time on CPU so the copy stays in cache (benchmarks/unpermute.py)."""
+
+    CPU_BLOCK_TOKENS = 256
+
+    @staticmethod
+    def forward(ctx, y_TKD, w_TK):
+        ctx.save_for_backward(y_TKD, w_TK)
+        out_TD = y_TKD[:, 0].to(w_TK.dtype) * w_TK[:, :1]
+        for k in range(1, y_TKD.shape[1]):
+            out_TD.addcmul_(y_TKD[:, k], w_TK[:, k:k + 1])
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_TKD, w_TK = ctx.saved_tensors
+        g_y = torch.mul(g_TD.unsqueeze(1), w_TK.unsqueeze(-1), out=torch.empty_like(y_TKD))
+        g_w = torch.empty_like(w_TK)
+        T = y_TKD.shape[0]
+        block = T if y_TKD.is_cuda else _WeightedSum.CPU_BLOCK_TOKENS
+        for s in range(0, T, max(block, 1)):
+            torch.linalg.vecdot(y_TKD[s:s + block].to(g_TD.dtype), g_TD[s:s + block].unsqueeze(1),
+                                out=g_w[s:s + block])
+        return g_y, g_w
+
+
 def unpermute(y_XD: torch.Tensor, perm: Permutation, weights_TK: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k g[t,k] * y[copy (t,k)], accumulated in the gate dtype (float32): the copies are put back
-    in token-major [T, K] order (a copy dropped by capacity stays zero), then one [1, K] x [K, D] product per
-    token, instead of a float32 [X, D] product and an index_add (and their backward passes)."""
+    in token-major [T, K] order (a copy dropped by capacity stays zero), then summed per token with their
+    weights, instead of a float32 [X, D] product and an index_add (and their backward passes)."""
     (T, K), D = weights_TK.shape, y_XD.shape[-1]  # D spelled out: an empty chunk (T = 0) must reshape too
     if perm.inverse_X is not None:
         y_TKD = _PermuteRows.apply(y_XD, perm.inverse_X, perm.copy_X).view(T, K, D)
     else:
         y_TKD = y_XD.new_zeros(T * K, D).index_copy(0, perm.copy_X, y_XD).view(T, K, D)
-    return torch.bmm(weights_TK.unsqueeze(1), y_TKD.to(weights_TK.dtype)).squeeze(1)
+    return _WeightedSum.apply(y_TKD, weights_TK)
 
 
 def chunk_sizes(num_tokens: int, chunks: int) -> list[int]:
