@@ -103,3 +103,25 @@ def exit_without_destructors(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def torchrun_workers(agent_pid: int) -> list[int]:
+    """The trainer processes of a torchrun agent: its children (every thread's /proc children list)."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{agent_pid}/task").glob("*"):
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:  # the thread or the agent has exited
+            pass
+    return sorted(set(pids))
+
+
+def rank_of(pid: int) -> int | None:
+    """The RANK torchrun gave a worker (its environment); None once it has exited or where there is none."""
+    try:
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if item.startswith(b"RANK="):
+                return int(item[5:])
+    except (OSError, ValueError):
+        return None
+    return None

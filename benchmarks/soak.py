@@ -30,6 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    from benchmarks.common import rank_of, torchrun_workers
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from common import rank_of, torchrun_workers
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+)\s+loss ([0-9.]+)")
@@ -62,27 +67,6 @@ def env() -> dict[str, str]:
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(), cwd=ROOT,
                             start_new_session=True)
-
-
-def workers(agent_pid: int) -> list[int]:
-    """The trainer processes: torchrun's (the agent's) children."""
-    pids: list[int] = []
-    for task in Path(f"/proc/{agent_pid}/task").glob("*"):
-        try:
-            pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return sorted(set(pids))
-
-
-def rank_of(pid: int) -> int | None:
-    try:
-        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            if item.startswith(b"RANK="):
-                return int(item[5:])
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def wait(proc: subprocess.Popen, limit_s: float) -> int:
@@ -242,7 +226,7 @@ def main() -> int:
     while proc.poll() is None and time.time() < deadline:
         done = watch.poll()
         if time.time() >= next_kill and done < steps - 1:
-            pids = workers(proc.pid)
+            pids = torchrun_workers(proc.pid)
             if pids:
                 victim = rng.choice(pids)
                 rank = rank_of(victim)

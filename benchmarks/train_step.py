@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks.common import environment, interleaved, write_json
+    from benchmarks.common import environment, interleaved, rank_of, torchrun_workers, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import environment, interleaved, write_json
+    from common import environment, interleaved, rank_of, torchrun_workers, write_json
 
 from coe_dist.config import RunConfig, load_config
 
@@ -207,30 +207,10 @@ def launch(args: argparse.Namespace, variant: Variant, profile_out: Path | None)
                 "profiled": profile_out is not None}
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def _rank_pids(agent: subprocess.Popen, nproc: int) -> list[int]:
     """torchrun's worker processes, ordered by RANK."""
     while agent.poll() is None:
-        ranks = {}
-        for pid in _children(agent.pid):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), None)
-            if rank is not None:
-                ranks[int(rank)] = pid
+        ranks = {rank: pid for pid in torchrun_workers(agent.pid) if (rank := rank_of(pid)) is not None}
         if len(ranks) == nproc:
             return [ranks[r] for r in sorted(ranks)]
         time.sleep(0.2)

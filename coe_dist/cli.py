@@ -43,9 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 
     # Every trainer process, before its model exists: the malloc thresholds only affect later blocks.
     note = allocator.configure()
-    if all(os.environ.get(var, "0") == "0" for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
-        print(f"coe-dist: {note}", flush=True)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, startup_notes=[note])
     return 0
 
 

@@ -25,20 +25,12 @@ from typing import Any
 import torch
 import yaml
 
+from coe_dist.bench.model import count_exchange_bytes
 from coe_dist.config import ConfigError
 
 ROUTINGS = ("learned-random", "forced-balanced", "skewed")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-COUNT_BYTES = 8  # per-expert counts are int64
-# Count-exchange row per destination rank: its E per-expert counts and their total as the sender computed it
-# (the dispatcher checks the received counts against it before the data all-to-all).
-COUNT_COLUMNS_EXTRA = 1
-
-
-def count_exchange_bytes(ep_size: int, local_experts: int) -> int:
-    """Bytes one rank sends in one count exchange: an (E + 1)-entry int64 row to each other rank."""
-    return (ep_size - 1) * (local_experts + COUNT_COLUMNS_EXTRA) * COUNT_BYTES
 
 
 @dataclass(frozen=True, kw_only=True)

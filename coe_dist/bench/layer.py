@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from coe_dist.bench.grid import (
     DTYPES,
     BenchCase,
-    count_exchange_bytes,
     forced_balanced_table,
     stable_seed,
     zipf_table,
 )
+from coe_dist.bench.model import count_exchange_bytes
 from coe_dist.bench.timing import PhaseTimer, barrier
 from coe_dist.model.experts import GroupedExperts, SwiGLU
 from coe_dist.model.router import Router

@@ -73,6 +73,17 @@ GPU_BYTES_PER_UNIT = {
 }
 
 
+COUNT_BYTES = 8  # per-expert counts are int64
+# Count-exchange row per destination rank: its E per-expert counts and their total as the sender computed it
+# (the dispatcher checks the received counts against it before the data all-to-all).
+COUNT_COLUMNS_EXTRA = 1
+
+
+def count_exchange_bytes(ep_size: int, local_experts: int) -> int:
+    """Bytes one rank sends in one count exchange: an (E + 1)-entry int64 row to each other rank."""
+    return (ep_size - 1) * (local_experts + COUNT_COLUMNS_EXTRA) * COUNT_BYTES
+
+
 # ---------------------------------------------------------------- profile
 
 @dataclass
@@ -317,7 +328,7 @@ def predict_iteration(profile: Profile, w: Workload, oversubscription: float | N
         if phase == "shared" and not w.num_shared_experts:
             continue
         if phase == "counts":
-            t = 0.0 if P <= 1 else (a2a_time(profile, P, (P - 1) * (w.local_experts + 1) * 8, rpn)
+            t = 0.0 if P <= 1 else (a2a_time(profile, P, count_exchange_bytes(P, w.local_experts), rpn)
                                      + profile.host_sync_s + _overhead(profile, key, P - 1))
         elif phase in ("dispatch", "combine"):
             t = 0.0 if P <= 1 else a2a_time(profile, P, w.bytes_offrank, rpn) + _overhead(profile, key, P - 1)
@@ -445,7 +456,7 @@ def call_site_overheads(link: Link, observations: list[Observation], latency_mod
         phase, P = ob.phase_key.rsplit("_", 1)[0], ob.case.ep_size
         if phase not in COMM_PHASES or P < 2:
             continue
-        nbytes = ob.bytes_offrank if phase != "counts" else (P - 1) * (ob.case.local_experts + 1) * 8
+        nbytes = ob.bytes_offrank if phase != "counts" else count_exchange_bytes(P, ob.case.local_experts)
         per = float(P - 1) if (phase != "counts" and latency_model == "per_peer") else 1.0
         t = ob.seconds / ob.oversubscription
         residual.setdefault(ob.phase_key, []).append((t - link.time(P - 1, nbytes)) / per)
@@ -502,7 +513,7 @@ def fit_profile(observations: list[Observation], *, name: str, latency_model: st
         if phase in COMM_PHASES:
             if P <= 1:
                 continue
-            nbytes = ob.bytes_offrank if phase != "counts" else (P - 1) * (ob.case.local_experts + 1) * 8
+            nbytes = ob.bytes_offrank if phase != "counts" else count_exchange_bytes(P, ob.case.local_experts)
             link_pts.append((ob.phase_key, P - 1, nbytes, t))
         else:
             w = ob.workload()

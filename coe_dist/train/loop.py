@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None = None) -> TrainResult:
+def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None = None,
+          startup_notes: Sequence[str] = ()) -> TrainResult:
+    """Train (or resume) one run in this process; `startup_notes`: what the caller set up, for rank 0's log."""
     penv = penv or discover()
     dp_size = check_world(cfg, penv.world_size)  # before any collective
     faults.check_spec()
@@ -128,6 +131,8 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
               f"expert-dp={dp_size} backend={backend} device={device} dtype={cfg.train.dtype} "
               f"zero={cfg.parallel.zero_stage}")
     say(penv, f"coe-dist: {kernel_report()}")
+    for note in startup_notes:
+        say(penv, f"coe-dist: {note}")
     _warn_shared_store(penv)
     heartbeat = guards.Heartbeat(penv.rank, penv.world_size, faults.restart_count())
     where = Where()
