@@ -43,6 +43,9 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMI"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `ip netns exec` keeps the environment
     env["PYTHON"] = sys.executable
+    # One intra-op thread in every layout: torchrun sets it only for --nproc > 1, and on some CPUs (AMX) float32
+    # kernels round differently with 2 threads than with 1, which is not what this test compares.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
