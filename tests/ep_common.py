@@ -9,7 +9,6 @@ Shape legend: B = sequences, L = sequence length, D = hidden, T = tokens, K = ex
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
@@ -100,16 +99,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@functools.cache
-def prebuild_deepspeed_ops() -> None:
-    """coe_dist's groups call `deepspeed.init_distributed`, which JIT-builds DeepSpeed's CPU shared-memory
-    comm op on first use (cached in ~/.cache/torch_extensions; 1-2 min on 2 busy cores). Build it here,
-    once, so that the first launch's timeout does not have to cover a compile."""
-    from deepspeed.comm.torch import build_shm_op
-
-    build_shm_op()
-
-
 def launch(world: int, cases: list[dict], work_dir, *, timeout_s: float, pg_timeout_s: float = 120,
            final_barrier: bool = True) -> list[dict]:
     """Run `cases` in `world` worker processes (one gloo group); return each rank's results.
@@ -120,7 +109,6 @@ def launch(world: int, cases: list[dict], work_dir, *, timeout_s: float, pg_time
     work_dir.mkdir(parents=True, exist_ok=True)
     spec = work_dir / "spec.pt"
     torch.save({"cases": cases, "pg_timeout_s": pg_timeout_s, "final_barrier": final_barrier}, spec)
-    prebuild_deepspeed_ops()
     for attempt in range(2):
         try:
             return _launch_once(world, spec, work_dir, timeout_s)
