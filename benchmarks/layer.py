@@ -264,12 +264,12 @@ def run(args) -> dict:
 
 
 def print_table(results: dict, stat: str) -> None:
-    head = (f"{'layer':<24}{'GFLOP':>7}{'bf16':>7}{'fp32':>7}{'limit ms':>9}{'ms':>7}{'TFLOP/s':>8}{'% limit':>8}"
+    head = (f"{'layer':<24}{'GFLOP':>7}{'bf16':>7}{'fp32':>7}{'limit ms':>9}{'ms':>7}{'GFLOP/s':>8}{'% limit':>8}"
             f"{'GEMM set':>9}{'set/bf16':>9}{'speed-up':>9}")
     print(f"\nfwd+bwd per step, bf16 autocast, {stat} ({results['args']['clock']} clock, "
           f"{results['environment']['threads']} threads). Limit: the layer's bf16 and float32 FLOPs at the large-"
-          f"GEMM rate of each dtype\n(bf16, fp32 columns, TFLOP/s); GEMM set: the layer's own bf16 GEMMs alone "
-          f"(TFLOP/s, and as % of the large bf16 GEMM)")
+          f"GEMM rate of each dtype\n(bf16, fp32 columns, GFLOP/s); GEMM set: the layer's own bf16 GEMMs alone "
+          f"(GFLOP/s, and as % of the large bf16 GEMM)")
     print(head)
     print("-" * len(head))
     for name, r in results["configs"].items():
@@ -281,12 +281,12 @@ def print_table(results: dict, stat: str) -> None:
             spd = f"{v['speedup_vs_reference']:8.2f}x" if "speedup_vs_reference" in v else f"{'':>9}"
             if variant == "ours":
                 large = s["large_gemm_tflops"]
-                fixed = (f"{r['flops']['train'] / 1e9:7.1f}{large['bf16']:7.3f}{large['fp32']:7.3f}"
+                fixed = (f"{r['flops']['train'] / 1e9:7.1f}{1e3 * large['bf16']:7.1f}{1e3 * large['fp32']:7.1f}"
                          f"{s['limit_ms']:9.0f}")
-                explain = f"{s['gemm_set_tflops']:9.3f}{s['gemm_set_pct_of_large_bf16']:8.1f}%"
+                explain = f"{1e3 * s['gemm_set_tflops']:9.1f}{s['gemm_set_pct_of_large_bf16']:8.1f}%"
             else:
                 fixed, explain = f"{'':>30}", f"{'':>18}"
-            print(f"{label:<24}{fixed}{v['ms']:7.0f}{v['tflops']:8.3f}{v['pct_of_limit']:7.1f}%{explain}{spd}")
+            print(f"{label:<24}{fixed}{v['ms']:7.0f}{1e3 * v['tflops']:8.1f}{v['pct_of_limit']:7.1f}%{explain}{spd}")
 
 
 def main(argv: list[str] | None = None) -> int:
