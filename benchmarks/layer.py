@@ -38,37 +38,19 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks.common import (
-        GEMM_DTYPES,
-        add_layer_shape_args,
-        batch_shape,
-        environment,
-        interleaved,
-        large_gemm,
-        limit_seconds,
-        summary,
-        write_json,
-    )
+    from benchmarks import common
+    from benchmarks.common import add_layer_shape_args, batch_shape, environment, interleaved, summary, write_json
     from benchmarks.reference_coe import ReferenceCoE
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import (
-        GEMM_DTYPES,
-        add_layer_shape_args,
-        batch_shape,
-        environment,
-        interleaved,
-        large_gemm,
-        limit_seconds,
-        summary,
-        write_json,
-    )
+    import common
+    from common import add_layer_shape_args, batch_shape, environment, interleaved, summary, write_json
     from reference_coe import ReferenceCoE
 
 from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
 from coe_dist.train.allocator import tune_glibc_malloc
 
-BF16 = GEMM_DTYPES["bf16"]
+BF16 = common.GEMM_DTYPES["bf16"]
 
 
 def layer_configs(num_experts: int, f: int, shared: int) -> dict[str, MoEConfig]:
@@ -174,7 +156,7 @@ def make_large_gemms(cfg: MoEConfig, tokens: int, d: int, train_flops: float) ->
     """The limit's GEMMs: per dtype, one large [T*K, d] x [d, 2f] GEMM (an iteration's token copies through
     the widest expert matmul, as if all experts were one) at the layer's total training FLOPs."""
     m, n = tokens * cfg.top_k, 2 * cfg.expert_hidden_size
-    return {name: large_gemm(dtype, m, d, n, train_flops) for name, dtype in GEMM_DTYPES.items()}
+    return {name: common.large_gemm(dtype, m, d, n, train_flops) for name, dtype in common.GEMM_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------------- (c) timing
@@ -196,7 +178,7 @@ def _rates(times: dict[str, list[float]], stat, fl: dict, gemm_flops: float, lar
     """Rates (TFLOP/s) and each timed layer's share of the large-GEMM limit, from one statistic of the times."""
     t = {k: stat(v) for k, v in times.items()}
     large = {dtype: large_flops[dtype] / t[f"large_{dtype}"] for dtype in large_flops}
-    limit_s = limit_seconds(fl["train_by_dtype"], large)
+    limit_s = common.limit_seconds(fl["train_by_dtype"], large)
     out = {"large_gemm_tflops": {k: v / 1e12 for k, v in large.items()}, "limit_ms": 1e3 * limit_s,
            "limit_tflops": fl["train"] / limit_s / 1e12, "gemm_set_tflops": gemm_flops / t["gemm_set"] / 1e12}
     # The GEMM set's own share of the limit: how much the layer's small GEMMs alone lose to one large GEMM.

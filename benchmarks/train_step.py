@@ -54,32 +54,16 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks.common import (
-        GEMM_DTYPES,
-        environment,
-        interleaved,
-        large_gemm,
-        limit_seconds,
-        rank_of,
-        torchrun_workers,
-        write_json,
-    )
+    from benchmarks import common
+    from benchmarks.common import environment, interleaved, rank_of, torchrun_workers, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import (
-        GEMM_DTYPES,
-        environment,
-        interleaved,
-        large_gemm,
-        limit_seconds,
-        rank_of,
-        torchrun_workers,
-        write_json,
-    )
+    import common
+    from common import environment, interleaved, rank_of, torchrun_workers, write_json
 
 from coe_dist.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BF16 = GEMM_DTYPES["bf16"]
+BF16 = common.GEMM_DTYPES["bf16"]
 FP32_PARTS = ("attention scores/values", "router")  # float32 under bf16 autocast (see the module doc)
 Linear = tuple[int, int, int]  # (rows m, in features, out features) of one nn.Linear-like matmul
 
@@ -158,7 +142,7 @@ def _gemm_worker(job: tuple[dict[str, tuple[list[Linear], int]], tuple[int, int,
     groups, (m, k, n, flops), repeats = job
     torch.set_num_threads(1)
     fns = {name: _gemm_fn(linears) for name, (linears, _) in groups.items()}
-    large = {dtype: large_gemm(torch_dtype, m, k, n, flops) for dtype, torch_dtype in GEMM_DTYPES.items()}
+    large = {dtype: common.large_gemm(torch_dtype, m, k, n, flops) for dtype, torch_dtype in common.GEMM_DTYPES.items()}
     fns.update({f"large_{dtype}": fn for dtype, (fn, _) in large.items()})
     out: dict = {clock: {name: statistics.median(ts) for name, ts in interleaved(fns, repeats, 1, clock=clock).items()}
                  for clock in ("wall", "cpu")}
@@ -358,7 +342,7 @@ def report(results: dict) -> None:
           f"({', '.join(FP32_PARTS)})")
     large, rates = results["large_gemm_rate_per_rank"], results["gemm_rate_per_rank"]
     print(f"large-GEMM rate per rank (1 thread, {results['ranks']} ranks at once), TFLOP/s, wall | CPU clock: "
-          + ", ".join(f"{d} {large['wall'][d] / 1e12:.4f} | {large['cpu'][d] / 1e12:.4f}" for d in GEMM_DTYPES))
+          + ", ".join(f"{d} {large['wall'][d] / 1e12:.4f} | {large['cpu'][d] / 1e12:.4f}" for d in common.GEMM_DTYPES))
     print(f"GEMM set (the model's own bf16 GEMM shapes), TFLOP/s: {rates['wall'] / 1e12:.4f} wall clock, "
           f"{rates['cpu'] / 1e12:.4f} CPU clock; by part, wall clock (rank 0, before training):")
     for name, r in results["gemm_samples"][0]["wall"]["groups"].items():
@@ -395,7 +379,7 @@ def summarize_variant(launches: list[dict], cfg: RunConfig, results: dict, base:
     measured_tokens = tokens_per_step * sum(len(r["tokens_per_s"]) for r in launches)
     train_by_dtype = {d: 3 * f for d, f in results["flops_per_token_by_dtype"].items()}
     # The least rank-seconds a token takes: each dtype's FLOPs at that dtype's large-GEMM rate.
-    limit_wall, limit_cpu = (limit_seconds(train_by_dtype, large[clock]) for clock in ("wall", "cpu"))
+    limit_wall, limit_cpu = (common.limit_seconds(train_by_dtype, large[clock]) for clock in ("wall", "cpu"))
     return {"tokens_per_s": tps, "steps_tokens_per_s": steps, "step_s": tokens_per_step / tps,
             "mfu": tps * limit_wall / ranks, "mfu_cpu": measured_tokens * limit_cpu / cpu_s,
             "mfu_gemm_set": results["train_flops_per_token"] * tps / (ranks * rates["wall"]),
@@ -428,7 +412,7 @@ def run(args: argparse.Namespace) -> dict:
                      "flops_per_token": fl, "flops_per_token_by_dtype": flops_by_dtype(fl),
                      "train_flops_per_token": 3 * sum(fl.values()),
                      "large_gemm_rate_per_rank": {c: {d: statistics.median(g[c]["large"][d] for g in gemm)
-                                                      for d in GEMM_DTYPES} for c in ("wall", "cpu")},
+                                                      for d in common.GEMM_DTYPES} for c in ("wall", "cpu")},
                      "gemm_rate_per_rank": {c: statistics.median(g[c]["rate"] for g in gemm) for c in ("wall", "cpu")},
                      "gemm_samples": gemm, "variants": {}}
     base = None
