@@ -181,7 +181,7 @@ def _rates(times: dict[str, list[float]], stat, fl: dict, gemm_flops: float, lar
     limit_s = common.limit_seconds(fl["train_by_dtype"], large)
     out = {"large_gemm_tflops": {k: v / 1e12 for k, v in large.items()}, "limit_ms": 1e3 * limit_s,
            "limit_tflops": fl["train"] / limit_s / 1e12, "gemm_set_tflops": gemm_flops / t["gemm_set"] / 1e12}
-    # The GEMM set's own share of the limit: how much the layer's small GEMMs alone lose to one large GEMM.
+    # How much the layer's own small GEMMs, alone, lose to one large bf16 GEMM: the explanation beside the limit.
     out["gemm_set_pct_of_large_bf16"] = 100 * out["gemm_set_tflops"] / out["large_gemm_tflops"]["bf16"]
     for name in ("ours", "reference"):
         if name in t:
