@@ -1,7 +1,13 @@
-"""Helpers shared by the benchmarks: timing on a noisy machine, environment facts, JSON output.
+"""Helpers shared by the benchmarks: timing on a noisy machine, the large-GEMM limit, environment facts,
+JSON output.
 
 On a small shared CPU, absolute times drift by tens of percent between runs: measure the things to be
 compared in the same run, interleaved (round-robin), and quote medians.
+
+The limit a benchmark reports against is the large-GEMM rate of each dtype its FLOPs run in (`large_gemm`),
+measured in the same run: what the hardware does on one large matmul, not on the workload's own small ones.
+A workload with F_bf16 bf16 FLOPs and F_fp32 float32 FLOPs cannot take less than
+F_bf16 / R_bf16 + F_fp32 / R_fp32 seconds (`limit_seconds`); its share of that limit is limit / measured time.
 """
 
 from __future__ import annotations
@@ -29,6 +35,34 @@ def add_layer_shape_args(p: argparse.ArgumentParser, experts_help: str = "routed
     p.add_argument("--ffn", type=int, default=352, help="expert width f")
     p.add_argument("--experts", type=int, default=64, help=experts_help)
     p.add_argument("--shared", type=int, default=1, help="shared experts")
+
+
+GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def large_gemm(dtype: torch.dtype, m: int, k: int, n: int, flops: float) -> tuple[Callable[[], None], float]:
+    """One large GEMM, [m, k] x [k, n] in `dtype`, in the three layouts training runs it in (forward x W^T,
+    grad-input dy W, grad-weight dy^T x), repeated until about `flops` per call: the work of what it is
+    compared with, so both see the same timer granularity and drift. Returns (fn, FLOPs per call)."""
+    g = torch.Generator().manual_seed(1)
+    x, w, dy = (torch.randn(*shape, generator=g).to(dtype) for shape in ((m, k), (n, k), (m, n)))
+    # Into preallocated outputs: a fresh large tensor can be over glibc's mmap threshold, and its page faults
+    # are no part of the GEMM rate.
+    y, dx, dw = torch.empty(m, n, dtype=dtype), torch.empty(m, k, dtype=dtype), torch.empty(n, k, dtype=dtype)
+    per_pass = 3 * 2.0 * m * k * n
+    passes = max(1, round(flops / per_pass))
+
+    def run() -> None:
+        for _ in range(passes):
+            torch.mm(x, w.t(), out=y)
+            torch.mm(dy, w, out=dx)
+            torch.mm(dy.t(), x, out=dw)
+    return run, passes * per_pass
+
+
+def limit_seconds(flops_by_dtype: dict[str, float], rate_by_dtype: dict[str, float]) -> float:
+    """The least time the FLOPs can take: each dtype's FLOPs at that dtype's large-GEMM rate (FLOP/s)."""
+    return sum(f / rate_by_dtype[dtype] for dtype, f in flops_by_dtype.items() if f)
 
 
 def batch_shape(tokens: int, seq_len: int) -> tuple[int, int]:

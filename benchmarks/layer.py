@@ -3,14 +3,19 @@
 For CoE-2(4/N) and MoE(8/N) (same FLOPs), in one run:
   (a) check that `CoELayer` and the paper's reference path (benchmarks/reference_coe.py) agree at the
       same weights in float32 (outputs, aux loss, all gradients), and report the bf16-autocast gap;
-  (b) measure the machine's bf16 GEMM rate on the layer's own GEMM shapes (every forward and backward
-      matmul of every expert, the shared expert, at balanced routing) and on one big [T*K, d] x [d, 2f];
-  (c) time our layer and the reference (median after warm-up, interleaved with the GEMM set so drift
-      hits all alike) and report the achieved FLOP rate as % of the GEMM rates and the speed-up.
+  (b) measure the limit: the large-GEMM rate of each dtype the layer's FLOPs run in (bf16 for the experts,
+      float32 for the router), one large GEMM per dtype at the layer's total FLOPs ([T*K, d] x [d, 2f] in
+      its forward and both backward layouts, repeated); and, as the explanation, the bf16 rate of the
+      layer's own GEMMs ("GEMM set": every forward and backward matmul of every expert at T*K/N rows, the
+      shared expert, at balanced routing);
+  (c) time our layer and the reference (median after warm-up, interleaved with the GEMMs so that drift
+      hits all alike) and report the achieved share of the limit, the GEMM set's share of it, and the
+      speed-up.
 
-FLOPs counted per iteration, forward: routed 2*T*K*3*d*f, shared 2*T*3*d*(S*f), router 2*T*d*N;
-backward = 2 x forward. Element-wise work, permutation and the weight casts are overhead, not FLOPs.
-Two tables: medians and bests (minimum) of the timed calls.
+FLOPs counted per iteration, forward: routed 2*T*K*3*d*f and shared 2*T*3*d*(S*f) in bf16, router 2*T*d*N
+in float32; backward = 2 x forward. Limit = bf16 FLOPs / large bf16 rate + float32 FLOPs / large float32
+rate (seconds); "% of limit" = limit / measured time. Element-wise work, permutation and the weight casts
+are overhead, not FLOPs. Two tables: medians and bests (minimum) of the timed calls.
 
 On a shared machine, 2 threads and wall-clock time can be slowed 10x and more by other processes (every
 op's OpenMP barrier waits for a descheduled thread): `--threads 1 --clock cpu` (process CPU time) is the
@@ -33,9 +38,11 @@ from pathlib import Path
 import torch
 
 try:
+    from benchmarks import common
     from benchmarks.common import add_layer_shape_args, batch_shape, environment, interleaved, summary, write_json
     from benchmarks.reference_coe import ReferenceCoE
 except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import common
     from common import add_layer_shape_args, batch_shape, environment, interleaved, summary, write_json
     from reference_coe import ReferenceCoE
 
@@ -43,7 +50,7 @@ from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
 from coe_dist.train.allocator import tune_glibc_malloc
 
-BF16 = torch.bfloat16
+BF16 = common.GEMM_DTYPES["bf16"]
 
 
 def layer_configs(num_experts: int, f: int, shared: int) -> dict[str, MoEConfig]:
@@ -54,14 +61,16 @@ def layer_configs(num_experts: int, f: int, shared: int) -> dict[str, MoEConfig]
     }
 
 
-def layer_flops(cfg: MoEConfig, tokens: int, d: int) -> dict[str, float]:
-    """Forward FLOPs of one layer call (all iterations); training = 3x."""
+def layer_flops(cfg: MoEConfig, tokens: int, d: int) -> dict:
+    """Forward FLOPs of one layer call (all iterations); training = 3x, split by the dtype they run in under
+    bf16 autocast (the router computes in float32, coe_dist/model/router.py)."""
     f, K, N, S, C = cfg.expert_hidden_size, cfg.top_k, cfg.num_experts, cfg.num_shared_experts, cfg.iterations
     routed = C * 2 * tokens * K * 3 * d * f
     shared = C * 2 * tokens * 3 * d * S * f
     router = C * 2 * tokens * d * N
     return {"routed": routed, "shared": shared, "router": router, "forward": routed + shared + router,
-            "train": 3 * (routed + shared + router)}
+            "train": 3 * (routed + shared + router),
+            "train_by_dtype": {"bf16": 3 * (routed + shared), "fp32": 3 * router}}
 
 
 # ----------------------------------------------------------------------------------- (a) equivalence
@@ -143,14 +152,11 @@ def make_gemm_set(cfg: MoEConfig, tokens: int, d: int):
     return run, C * flops
 
 
-def make_big_gemm(tokens: int, top_k: int, d: int, f: int):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens * top_k, d, generator=g).to(BF16)
-    w = torch.randn(d, 2 * f, generator=g).to(BF16)
-    # Into a preallocated output: a fresh [T*K, 2f] bf16 tensor can be over glibc's 32 MiB mmap threshold,
-    # and its page faults are no part of the GEMM rate.
-    out = torch.empty(tokens * top_k, 2 * f, dtype=BF16)
-    return (lambda: torch.mm(x, w, out=out)), 2.0 * tokens * top_k * d * 2 * f
+def make_large_gemms(cfg: MoEConfig, tokens: int, d: int, train_flops: float) -> dict[str, tuple]:
+    """The limit's GEMMs: per dtype, one large [T*K, d] x [d, 2f] GEMM (an iteration's token copies through
+    the widest expert matmul, as if all experts were one) at the layer's total training FLOPs."""
+    m, n = tokens * cfg.top_k, 2 * cfg.expert_hidden_size
+    return {name: common.large_gemm(dtype, m, d, n, train_flops) for name, dtype in common.GEMM_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------------- (c) timing
@@ -168,15 +174,20 @@ def _step_fn(module, u_BLD, grad_BLD):
     return lambda: _fwd_bwd(module, u_BLD, grad_BLD, True)
 
 
-def _rates(times: dict[str, list[float]], stat, fl: dict, gemm_flops: float, big_flops: float) -> dict:
+def _rates(times: dict[str, list[float]], stat, fl: dict, gemm_flops: float, large_flops: dict[str, float]) -> dict:
+    """Rates (TFLOP/s) and each timed layer's share of the large-GEMM limit, from one statistic of the times."""
     t = {k: stat(v) for k, v in times.items()}
-    gemm, big = gemm_flops / t["gemm_set"], big_flops / t["big_gemm"]
-    out = {"gemm_set_tflops": gemm / 1e12, "big_gemm_tflops": big / 1e12}
+    large = {dtype: large_flops[dtype] / t[f"large_{dtype}"] for dtype in large_flops}
+    limit_s = common.limit_seconds(fl["train_by_dtype"], large)
+    out = {"large_gemm_tflops": {k: v / 1e12 for k, v in large.items()}, "limit_ms": 1e3 * limit_s,
+           "limit_tflops": fl["train"] / limit_s / 1e12, "gemm_set_tflops": gemm_flops / t["gemm_set"] / 1e12}
+    # How much the layer's own small GEMMs, alone, lose to one large bf16 GEMM: the explanation beside the limit.
+    out["gemm_set_pct_of_large_bf16"] = 100 * out["gemm_set_tflops"] / out["large_gemm_tflops"]["bf16"]
     for name in ("ours", "reference"):
         if name in t:
-            rate = fl["train"] / t[name]
-            out[name] = {"ms": 1e3 * t[name], "tflops": rate / 1e12, "pct_of_gemm_set": 100 * rate / gemm,
-                         "pct_of_big_gemm": 100 * rate / big}
+            out[name] = {"ms": 1e3 * t[name], "tflops": fl["train"] / t[name] / 1e12,
+                         "pct_of_limit": 100 * limit_s / t[name],
+                         "pct_of_gemm_set": 100 * fl["train"] / t[name] / 1e12 / out["gemm_set_tflops"]}
     if "reference" in t:
         out["ours"]["speedup_vs_reference"] = t["reference"] / t["ours"]
     return out
@@ -213,16 +224,18 @@ def run(args) -> dict:
               f"-> {'OK' if ok else 'MISMATCH'} (tol {args.tolerance:g}); "
               f"bf16-autocast out gap {eq['bf16_autocast']['out_rel_err']:.1e}", flush=True)
 
+        fl = layer_flops(cfg, T, d)
         gemm_fn, gemm_flops = make_gemm_set(cfg, T, d)
-        big_fn, big_flops = make_big_gemm(T, cfg.top_k, d, args.ffn)
-        fns = {"gemm_set": gemm_fn, "big_gemm": big_fn, "ours": _step_fn(layer, u_BLD, grad_BLD)}
+        large = make_large_gemms(cfg, T, d, fl["train"])
+        fns = {"gemm_set": gemm_fn, **{f"large_{k}": fn for k, (fn, _) in large.items()},
+               "ours": _step_fn(layer, u_BLD, grad_BLD)}
         if not args.no_reference:
             fns["reference"] = _step_fn(ref, u_BLD, grad_BLD)
         times = interleaved(fns, args.repeats, args.warmup, {"reference": args.ref_repeats}, clock=args.clock)
-        fl = layer_flops(cfg, T, d)
+        large_flops = {k: flops for k, (_, flops) in large.items()}
         row = {"flops": fl, "equivalence": eq, "times": {k: summary(v) for k, v in times.items()},
-               "median": _rates(times, statistics.median, fl, gemm_flops, big_flops),
-               "best": _rates(times, min, fl, gemm_flops, big_flops)}
+               "median": _rates(times, statistics.median, fl, gemm_flops, large_flops),
+               "best": _rates(times, min, fl, gemm_flops, large_flops)}
         if args.profile:
             row["profile"] = profile_layer(layer, u_BLD, grad_BLD, args.profile)
             print(row["profile"])
@@ -233,10 +246,12 @@ def run(args) -> dict:
 
 
 def print_table(results: dict, stat: str) -> None:
-    head = (f"{'layer':<24}{'GFLOP':>7}{'GEMM set':>9}{'big GEMM':>9}{'ms':>8}{'TFLOP/s':>8}"
-            f"{'%set':>7}{'%big':>7}{'speed-up':>9}")
+    head = (f"{'layer':<24}{'GFLOP':>7}{'bf16':>7}{'fp32':>7}{'limit ms':>9}{'ms':>7}{'GFLOP/s':>8}{'% limit':>8}"
+            f"{'GEMM set':>9}{'set/bf16':>9}{'speed-up':>9}")
     print(f"\nfwd+bwd per step, bf16 autocast, {stat} ({results['args']['clock']} clock, "
-          f"{results['environment']['threads']} threads); GEMM rates in TFLOP/s")
+          f"{results['environment']['threads']} threads). Limit: the layer's bf16 and float32 FLOPs at the large-"
+          f"GEMM rate of each dtype\n(bf16, fp32 columns, GFLOP/s); GEMM set: the layer's own bf16 GEMMs alone "
+          f"(GFLOP/s, and as % of the large bf16 GEMM)")
     print(head)
     print("-" * len(head))
     for name, r in results["configs"].items():
@@ -246,11 +261,14 @@ def print_table(results: dict, stat: str) -> None:
                 continue
             v = s[variant]
             spd = f"{v['speedup_vs_reference']:8.2f}x" if "speedup_vs_reference" in v else f"{'':>9}"
-            first = variant == "ours"
-            gflop = f"{r['flops']['train'] / 1e9:7.1f}" if first else f"{'':>7}"
-            rates = f"{s['gemm_set_tflops']:9.3f}{s['big_gemm_tflops']:9.3f}" if first else f"{'':>18}"
-            print(f"{label:<24}{gflop}{rates}{v['ms']:8.0f}{v['tflops']:8.3f}{v['pct_of_gemm_set']:6.1f}%"
-                  f"{v['pct_of_big_gemm']:6.1f}%{spd}")
+            if variant == "ours":
+                large = s["large_gemm_tflops"]
+                fixed = (f"{r['flops']['train'] / 1e9:7.1f}{1e3 * large['bf16']:7.1f}{1e3 * large['fp32']:7.1f}"
+                         f"{s['limit_ms']:9.0f}")
+                explain = f"{1e3 * s['gemm_set_tflops']:9.1f}{s['gemm_set_pct_of_large_bf16']:8.1f}%"
+            else:
+                fixed, explain = f"{'':>30}", f"{'':>18}"
+            print(f"{label:<24}{fixed}{v['ms']:7.0f}{1e3 * v['tflops']:8.1f}{v['pct_of_limit']:7.1f}%{explain}{spd}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Training step, end to end: the real trainer (`python -m coe_dist.train` under torchrun, gloo), tokens/s and
-model FLOP utilisation (MFU) against the bf16 GEMM rate measured in the same run.
+model FLOP utilisation (MFU) against the large-GEMM rate of each dtype, measured in the same run.
 
     .venv/bin/python benchmarks/train_step.py                         # 2 ranks, configs/bench/train-step.yaml
     .venv/bin/python benchmarks/train_step.py --warmup 1 --steps 2    # short run on a busy machine
@@ -14,12 +14,16 @@ the measured steps. The run directory is temporary (the final checkpoint is dele
 Model FLOPs per token, forward (backward = 2x forward), d hidden, L sequence, f expert width, V vocabulary:
   attention projections 8 d^2, causal attention scores + values 2 d (L+1), routed experts C K 6 d f,
   shared experts C S 6 d f, router C 2 d N (per CoE layer), dense FFN 6 d F (first_k_dense layers), head 2 d V.
-MFU = 3 x forward FLOPs/token x tokens/s / (ranks x GEMM rate per rank). The GEMM rate is that of one thread
-(per rank, all ranks at once, as in training) on the model's own GEMM shapes per rank at balanced routing:
-the attention projections, every local expert (ep x T x K / N rows each) for one iteration, the shared expert
-and the head, each forward and both backward matmuls, weighted by how often a step runs them; it is measured
-before and after the training launches (median). Attention scores and the float32 router are left out of
-the set (under 5% of the FLOPs); their FLOPs still count in the model's.
+Under bf16 autocast the router and the attention scores/values run in float32 (the router by design; CPU
+flash attention computes bf16 attention in float32); everything else is bf16. MFU = the least time the
+step's FLOPs take at the large-GEMM rate of their dtype / the measured time:
+  MFU = tokens/s / ranks x 3 x (bf16 FLOPs/token / R_bf16 + float32 FLOPs/token / R_fp32),
+R_dtype = one large GEMM ([T*K, d] x [d, 2f], forward and both backward layouts, repeated to one CoE
+layer's training FLOPs per rank) on one thread per rank, all ranks at once as in training, measured before
+and after the training launches (median). As the explanation beside it, the bf16 rate of the model's own
+GEMMs per rank at balanced routing ("GEMM set": the attention projections, every local expert at
+ep x T x K / N rows for one iteration, the shared expert and the head, each forward and both backward
+matmuls, weighted by how often a step runs them) and the MFU it would give (`mfu_gemm_set`).
 On a shared machine wall-clock rates drift with the CPU share each phase gets, so the same quantities are also
 taken in CPU time: the ranks' user + system seconds over the measured steps (/proc/PID/stat) and the GEMM set on
 the process CPU clock give MFU/CPU (it leaves out time a rank is blocked or descheduled: an upper bound on a
@@ -50,14 +54,17 @@ from pathlib import Path
 import torch
 
 try:
+    from benchmarks import common
     from benchmarks.common import environment, interleaved, rank_of, torchrun_workers, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import common
     from common import environment, interleaved, rank_of, torchrun_workers, write_json
 
 from coe_dist.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-BF16 = torch.bfloat16
+BF16 = common.GEMM_DTYPES["bf16"]
+FP32_PARTS = ("attention scores/values", "router")  # float32 under bf16 autocast (see the module doc)
 Linear = tuple[int, int, int]  # (rows m, in features, out features) of one nn.Linear-like matmul
 
 
@@ -77,6 +84,12 @@ def flops_per_token(cfg: RunConfig) -> dict[str, float]:
         "dense FFN": m.first_k_dense * 6.0 * d * m.ffn_hidden_size,
         "head": 2.0 * d * m.vocab_size,
     }
+
+
+def flops_by_dtype(per_token: dict[str, float]) -> dict[str, float]:
+    """Forward FLOPs per token split by the dtype they run in under bf16 autocast."""
+    fp32 = sum(v for k, v in per_token.items() if k in FP32_PARTS)
+    return {"bf16": sum(per_token.values()) - fp32, "fp32": fp32}
 
 
 # ----------------------------------------------------------------------------------- GEMM rate
@@ -114,27 +127,45 @@ def _gemm_fn(linears: list[Linear]):
     return run
 
 
-def _gemm_worker(job: tuple[dict[str, tuple[list[Linear], int]], int]) -> dict[str, dict[str, float]]:
-    """Median wall and CPU seconds of each group on one thread (in its own process, one per rank)."""
-    groups, repeats = job
+def large_gemm_shape(cfg: RunConfig) -> tuple[int, int, int, float]:
+    """(m, k, n, FLOPs per timed call) of the limit's GEMM: an iteration's token copies through the widest
+    expert matmul, [T*K, d] x [d, 2f], repeated to one CoE layer's training FLOPs per rank."""
+    m, e = cfg.model, cfg.moe
+    T = cfg.train.micro_batch_size * cfg.train.seq_len
+    layer_flops = 3 * T * e.iterations * (e.top_k + e.num_shared_experts) * 6.0 * m.hidden_size * e.expert_hidden_size
+    return T * e.top_k, m.hidden_size, 2 * e.expert_hidden_size, layer_flops
+
+
+def _gemm_worker(job: tuple[dict[str, tuple[list[Linear], int]], tuple[int, int, int, float], int]) -> dict:
+    """Median wall and CPU seconds of each group and of each dtype's large GEMM on one thread (in its own
+    process, one per rank); FLOPs per call of the large GEMMs."""
+    groups, (m, k, n, flops), repeats = job
     torch.set_num_threads(1)
     fns = {name: _gemm_fn(linears) for name, (linears, _) in groups.items()}
-    return {clock: {name: statistics.median(ts) for name, ts in interleaved(fns, repeats, 1, clock=clock).items()}
-            for clock in ("wall", "cpu")}
+    large = {dtype: common.large_gemm(torch_dtype, m, k, n, flops) for dtype, torch_dtype in common.GEMM_DTYPES.items()}
+    fns.update({f"large_{dtype}": fn for dtype, (fn, _) in large.items()})
+    out: dict = {clock: {name: statistics.median(ts) for name, ts in interleaved(fns, repeats, 1, clock=clock).items()}
+                 for clock in ("wall", "cpu")}
+    out["large_flops"] = {dtype: f for dtype, (_, f) in large.items()}
+    return out
 
 
-def measure_gemm_rate(groups: dict[str, tuple[list[Linear], int]], ranks: int, repeats: int) -> list[dict]:
-    """Each rank's GEMM rate (FLOP/s), wall and CPU clock: `ranks` processes at once, one thread each."""
+def measure_gemm_rate(groups: dict[str, tuple[list[Linear], int]], large: tuple[int, int, int, float], ranks: int,
+                      repeats: int) -> list[dict]:
+    """Each rank's rates (FLOP/s), wall and CPU clock, `ranks` processes at once, one thread each: the large
+    GEMM of each dtype (the limit) and the GEMM set (the model's own bf16 GEMMs, the explanation)."""
     with multiprocessing.get_context("spawn").Pool(ranks) as pool:
-        per_rank = pool.map(_gemm_worker, [(groups, repeats)] * ranks)
+        per_rank = pool.map(_gemm_worker, [(groups, large, repeats)] * ranks)
     flops = {name: 6.0 * sum(m * i * o for m, i, o in linears) for name, (linears, _) in groups.items()}
     total_flops = sum(flops[name] * count for name, (_, count) in groups.items())
     out = []
-    for clocks in per_rank:
+    for measured in per_rank:
         row = {}
-        for clock, seconds in clocks.items():
+        for clock in ("wall", "cpu"):
+            seconds = measured[clock]
             total_s = sum(seconds[name] * count for name, (_, count) in groups.items())
-            row[clock] = {"rate": total_flops / total_s, "groups": {k: flops[k] / seconds[k] for k in flops}}
+            row[clock] = {"rate": total_flops / total_s, "groups": {k: flops[k] / seconds[k] for k in flops},
+                          "large": {d: f / seconds[f"large_{d}"] for d, f in measured["large_flops"].items()}}
         out.append(row)
     return out
 
@@ -306,21 +337,27 @@ def report(results: dict) -> None:
     for name, value in fl.items():
         if value:
             print(f"  {name:<26}{value / 1e6:9.3f} M {100 * value / fwd:6.1f}%")
-    rates = results["gemm_rate_per_rank"]
-    print(f"bf16 GEMM rate per rank (1 thread, {results['ranks']} ranks at once, model shapes), TFLOP/s: "
-          f"{rates['wall'] / 1e12:.3f} wall clock, {rates['cpu'] / 1e12:.3f} CPU clock")
-    print("  by part, wall clock (rank 0, before training):")
+    by_dtype = results["flops_per_token_by_dtype"]
+    print(f"  of which bf16 {by_dtype['bf16'] / 1e6:.2f} M, float32 {by_dtype['fp32'] / 1e6:.2f} M "
+          f"({', '.join(FP32_PARTS)})")
+    large, rates = results["large_gemm_rate_per_rank"], results["gemm_rate_per_rank"]
+    print(f"large-GEMM rate per rank (1 thread, {results['ranks']} ranks at once), TFLOP/s, wall | CPU clock: "
+          + ", ".join(f"{d} {large['wall'][d] / 1e12:.4f} | {large['cpu'][d] / 1e12:.4f}" for d in common.GEMM_DTYPES))
+    print(f"GEMM set (the model's own bf16 GEMM shapes), TFLOP/s: {rates['wall'] / 1e12:.4f} wall clock, "
+          f"{rates['cpu'] / 1e12:.4f} CPU clock; by part, wall clock (rank 0, before training):")
     for name, r in results["gemm_samples"][0]["wall"]["groups"].items():
         print(f"    {name:<24}{r / 1e12:9.3f}")
-    head = (f"{'variant':<20}{'tokens/s':>10}{'n':>4}{'step s':>8}{'MFU':>8}{'MFU/CPU':>9}{'sys share':>10}"
-            f"{'CPU/wall':>9}{'rank-0 RSS MiB':>16}{'ratio':>7}")
+    head = (f"{'variant':<20}{'tokens/s':>10}{'n':>4}{'step s':>8}{'MFU':>8}{'MFU/CPU':>9}{'vs set':>8}"
+            f"{'sys share':>10}{'CPU/wall':>9}{'rank-0 RSS MiB':>16}{'ratio':>7}")
     print("\n" + head + "\n" + "-" * len(head))
     for label, v in results["variants"].items():
         print(f"{label:<20}{v['tokens_per_s']:10.1f}{len(v['steps_tokens_per_s']):4d}{v['step_s']:8.2f}"
-              f"{100 * v['mfu']:7.1f}%{100 * v['mfu_cpu']:8.1f}%{100 * v['system_share']:9.1f}%"
+              f"{100 * v['mfu']:7.1f}%{100 * v['mfu_cpu']:8.1f}%{100 * v['mfu_gemm_set']:7.1f}%"
+              f"{100 * v['system_share']:9.1f}%"
               f"{100 * v['cpu_per_wall']:8.0f}%{v['peak_rss_mib_rank0']:16.0f}{v['ratio_to_first']:7.3f}")
-    print("MFU: against the wall-clock GEMM rate; MFU/CPU: FLOPs per CPU second of the ranks against the CPU-clock "
-          "GEMM rate (robust to a busy machine; leaves out time spent blocked, e.g. waiting for the other rank).\n"
+    print("MFU: the step's bf16 and float32 FLOPs at the wall-clock large-GEMM rate of their dtype / the step time; "
+          "MFU/CPU: the same in CPU time of the ranks\nagainst the CPU-clock rates (robust to a busy machine; leaves "
+          "out time spent blocked, e.g. waiting for the other rank); vs set: MFU against the GEMM set's rate.\n"
           "sys share: kernel time in the ranks' CPU time; CPU/wall: the ranks' CPU time per rank and wall second.")
 
 
@@ -336,13 +373,16 @@ def print_profile(p: dict) -> None:
 def summarize_variant(launches: list[dict], cfg: RunConfig, results: dict, base: float | None) -> dict:
     steps = [t for run_ in launches for t in run_["tokens_per_s"]]
     tps = statistics.median(steps)
-    ranks, rates = results["ranks"], results["gemm_rate_per_rank"]
+    ranks, rates, large = results["ranks"], results["gemm_rate_per_rank"], results["large_gemm_rate_per_rank"]
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks * cfg.train.seq_len
     cpu_s = sum(r["user_s"] + r["system_s"] for r in launches)
     measured_tokens = tokens_per_step * sum(len(r["tokens_per_s"]) for r in launches)
+    train_by_dtype = {d: 3 * f for d, f in results["flops_per_token_by_dtype"].items()}
+    # The least rank-seconds a token takes: each dtype's FLOPs at that dtype's large-GEMM rate.
+    limit_wall, limit_cpu = (common.limit_seconds(train_by_dtype, large[clock]) for clock in ("wall", "cpu"))
     return {"tokens_per_s": tps, "steps_tokens_per_s": steps, "step_s": tokens_per_step / tps,
-            "mfu": results["train_flops_per_token"] * tps / (ranks * rates["wall"]),
-            "mfu_cpu": results["train_flops_per_token"] * measured_tokens / cpu_s / rates["cpu"],
+            "mfu": tps * limit_wall / ranks, "mfu_cpu": measured_tokens * limit_cpu / cpu_s,
+            "mfu_gemm_set": results["train_flops_per_token"] * tps / (ranks * rates["wall"]),
             "system_share": sum(r["system_s"] for r in launches) / cpu_s,
             "cpu_per_wall": cpu_s / (ranks * sum(r["window_s"] for r in launches)),
             "ratio_to_first": tps / (base or tps),
@@ -356,8 +396,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"torch {env['torch']}, cpu {env['cpu']} ({env['cpu_capability']}), load average "
           f"{env['loadavg_at_start']}; {args.nproc} ranks x 1 thread, warm-up {args.warmup}, measured {args.steps}, "
           f"rounds {args.rounds}", flush=True)
-    groups = gemm_groups(cfg)
-    gemm = measure_gemm_rate(groups, args.nproc, args.gemm_repeats)
+    groups, large = gemm_groups(cfg), large_gemm_shape(cfg)
+    gemm = measure_gemm_rate(groups, large, args.nproc, args.gemm_repeats)
     runs: dict[str, list[dict]] = {v.label: [] for v in variants}
     profile_path = Path(args.profile_raw) if args.profile else None
     for r in range(args.rounds):
@@ -366,10 +406,13 @@ def run(args: argparse.Namespace) -> dict:
             runs[v.label].append(launch(args, v, profile_path if first else None))
             print(f"[{v.label}] round {r + 1}: {statistics.median(runs[v.label][-1]['tokens_per_s']):.1f} tokens/s",
                   flush=True)
-    gemm += measure_gemm_rate(groups, args.nproc, args.gemm_repeats)
+    gemm += measure_gemm_rate(groups, large, args.nproc, args.gemm_repeats)
     fl = flops_per_token(cfg)
     results: dict = {"environment": env, "args": vars(args), "config": cfg.to_dict(), "ranks": args.nproc,
-                     "flops_per_token": fl, "train_flops_per_token": 3 * sum(fl.values()),
+                     "flops_per_token": fl, "flops_per_token_by_dtype": flops_by_dtype(fl),
+                     "train_flops_per_token": 3 * sum(fl.values()),
+                     "large_gemm_rate_per_rank": {c: {d: statistics.median(g[c]["large"][d] for g in gemm)
+                                                      for d in common.GEMM_DTYPES} for c in ("wall", "cpu")},
                      "gemm_rate_per_rank": {c: statistics.median(g[c]["rate"] for g in gemm) for c in ("wall", "cpu")},
                      "gemm_samples": gemm, "variants": {}}
     base = None

@@ -247,6 +247,61 @@ def test_grouped_and_loop_experts_agree(dtype, counts):
                 assert g13[e].abs().sum() > 0 and g2[e].abs().sum() > 0
 
 
+def _expected_grads64(mod: GroupedExperts, x: torch.Tensor, r: torch.Tensor, counts: list[int]):
+    """Autograd of the float64 per-row SwiGLU on the exact values the GEMMs see: (y, d x, d W13, d W2) of
+    sum(y * r)."""
+    w13 = mod.w_gate_up_E2FD.detach().to(x.dtype).to(F64).requires_grad_(True)
+    w2 = mod.w_down_EDF.detach().to(x.dtype).to(F64).requires_grad_(True)
+    x64 = x.detach().to(F64).requires_grad_(True)
+    f, rows, start = mod.expert_hidden_size, [], 0
+    for e, c in enumerate(counts):
+        h = x64[start:start + c] @ w13[e].T
+        rows.append((F.silu(h[:, :f]) * h[:, f:]) @ w2[e].T)
+        start += c
+    y = torch.cat(rows)
+    (y * r.to(F64)).sum().backward()
+    return y.detach(), x64.grad, w13.grad, w2.grad
+
+
+def _rounding_tolerance(dtype: torch.dtype, stages: int, n: int) -> float:
+    """Norm-wise relative error allowed after `stages` roundings to `dtype` (relative eps each, the inputs of
+    every GEMM and element-wise op) and float32 accumulations over at most n terms (random-walk model:
+    sqrt(n) eps32 each); the GEMMs accumulate in float32 whatever their input dtype."""
+    return stages * (torch.finfo(dtype).eps + math.sqrt(n) * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("counts", ["all-busy", "zeros-inside"])
+def test_grouped_experts_match_float64_reference(counts, autocast):
+    """The production path (torch._grouped_mm, ep 1) against autograd of a float64 SwiGLU written here:
+    output and the gradients w.r.t. x, W_gate_up and W_down. fp32: float32 everything. bf16-autocast (as in
+    training): float32 master weights, the GEMMs in bf16. The reference sees the bf16-rounded x and weights,
+    so the tolerance covers only the roundings inside: forward x W13 -> h, silu(h) * up -> a, a W2 -> y (3
+    stages); backward dy -> da, dh, then d x / d W13 (5 stages); reduction lengths d = 32, f = 16, rows <= 5."""
+    counts_list = COUNTS[counts]
+    grouped, _ = _expert_pair(torch.float32)
+    assert grouped.use_grouped_mm
+    dtype = torch.bfloat16 if autocast else torch.float32
+    T = sum(counts_list)
+    x = torch.randn(T, 32, generator=torch.Generator().manual_seed(1))
+    r = torch.randn(T, 32, generator=torch.Generator().manual_seed(2))
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = grouped(xi, torch.tensor(counts_list))
+    assert y.dtype == dtype
+    (y.float() * r).sum().backward()
+    got = (y.detach(), xi.grad, grouped.w_gate_up_E2FD.grad, grouped.w_down_EDF.grad)
+    assert grouped.w_gate_up_E2FD.grad.dtype == torch.float32  # master-weight gradients stay float32
+    expected = _expected_grads64(grouped, x.to(dtype), r, counts_list)
+    for (a, b), what, stages in zip(zip(got, expected, strict=True), ["output", "d x", "d W13", "d W2"],
+                                    [3, 5, 5, 4], strict=True):
+        tol = _rounding_tolerance(dtype, stages, 32)
+        err = rel_err(a, b)
+        assert err < tol, f"{what}: relative error {err:.3g} >= {tol:.3g} ({dtype})"
+        # A tolerance that any real error would also pass is no test: a wrong expert for one row must fail.
+        assert tol < 0.1, tol
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_experts_with_no_tokens_at_all(dtype):
     grouped, loop = _expert_pair(dtype)

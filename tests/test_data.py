@@ -19,11 +19,13 @@ from coe_dist.data.errors import DataError
 from coe_dist.data.preprocess import preprocess, register_cli
 from coe_dist.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-NEOX = SHARED / "tokenizers" / "gpt-neox-20b.tokenizer.json"
-GSM8K = SHARED / "gsm8k" / "train.parquet"
-needs_neox = pytest.mark.skipif(not NEOX.is_file(), reason=f"{NEOX} absent (shared data not checked out)")
-needs_gsm8k = pytest.mark.skipif(not GSM8K.is_file(), reason=f"{GSM8K} absent (shared data not checked out)")
+from requires import SHARED, requires
+
+DATA = SHARED / "data"
+NEOX = DATA / "tokenizers" / "gpt-neox-20b.tokenizer.json"
+GSM8K = DATA / "gsm8k" / "train.parquet"
+needs_neox = requires(NEOX.is_file(), f"{NEOX} absent (shared data not checked out)")
+needs_gsm8k = requires(GSM8K.is_file(), f"{GSM8K} absent (shared data not checked out)")
 
 COMPUTATION = re.compile(r"(\d+) ([-+*/]) (\d+)( / 100)? = \$?(\d+)")  # "/ 100": percentages
 

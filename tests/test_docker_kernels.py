@@ -32,22 +32,42 @@ def _reference_kernel(x, weight, normalized_shape, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def _rms_norm64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * w, in float64 on the exact values of x and w (differentiable)."""
+    x64, w64 = x.double(), weight.double()
+    return x64 / (x64.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w64
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fallback_matches_model_rmsnorm(dtype: torch.dtype) -> None:
-    norm = RMSNorm(32, eps=1e-6)
+def test_fallback_and_model_rmsnorm_match_the_formula(dtype: torch.dtype) -> None:
+    """kernels.rms_norm (the CPU path) and RMSNorm.forward, which calls it, against the formula in float64.
+    Both compute in float32 whatever the input: a reduction of d = 32 squares and a few element-wise ops, so
+    each element is within a few float32 ulps (bound: (d + 4) * eps32 relative)."""
+    d, eps = 32, 1e-6
+    norm = RMSNorm(d, eps=eps)
     with torch.no_grad():
-        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
-    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
-    got = kernels.rms_norm(x, norm.weight, 1e-6)
-    assert got.dtype == torch.float32  # normalised in float32 whatever the input, as the model does
-    assert torch.equal(got, norm(x))
+        norm.weight.copy_(torch.linspace(0.5, 1.5, d))
+    x = torch.randn(3, 5, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = _rms_norm64(x, norm.weight.detach(), eps)
+    rtol = (d + 4) * torch.finfo(torch.float32).eps
+    for got in (kernels.rms_norm(x, norm.weight, eps), norm(x)):
+        assert got.dtype == torch.float32  # normalised in float32 whatever the input, as the model does
+        torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=0)
 
 
-def test_fallback_has_gradients() -> None:
-    w = torch.ones(8, requires_grad=True)
-    x = torch.randn(2, 8, requires_grad=True)
-    kernels.rms_norm(x, w, 1e-6).sum().backward()
-    assert x.grad is not None and w.grad is not None
+def test_fallback_gradients_match_the_formula() -> None:
+    """Gradients of the CPU path w.r.t. x and w against autograd of the float64 formula."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 16, generator=gen, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(16, generator=gen)).requires_grad_(True)
+    r = torch.randn(4, 16, generator=gen)
+    (kernels.rms_norm(x, w, 1e-6) * r).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    (_rms_norm64(x64, w64, 1e-6) * r.double()).sum().backward()
+    # Sums over 16 (d x) and 4 (d w) float32 products: a tolerance of 64 eps32, relative to the largest entry.
+    rtol = 64 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=rtol * float(x64.grad.abs().max()))
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=rtol, atol=rtol * float(w64.grad.abs().max()))
 
 
 def test_cpu_tensors_use_torch_even_with_apex(monkeypatch: pytest.MonkeyPatch) -> None:

