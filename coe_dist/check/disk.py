@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -45,7 +46,8 @@ def _probe(run_dir: Path) -> tuple[str | None, int]:
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as e:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
         return f"{e.strerror or e}", _free(run_dir)
     return None, _free(run_dir)
 
