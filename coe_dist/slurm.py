@@ -2,6 +2,7 @@
 
     coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--partition Q] [--time T]
                           [--gpus-per-node G] [--container IMAGE] [--set K=V ...] [--dry-run] [--wait]
+                          [--check]   (`coe-dist check` on that layout instead: slurm/bench.sbatch)
     coe-dist slurm status JOBID
     coe-dist slurm cancel JOBID [--requeue]
 

@@ -135,3 +135,19 @@ def test_check_on_cuda_passes(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert verdicts["layer"].split()[1] == "PASS" and "on cuda" in verdicts["layer"], verdicts["layer"]
         assert "cuda" in verdicts["versions"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="with CUDA the script runs its GPU parts (minutes)")
+def test_gpu_check_script_on_cpu_says_no_cuda_and_writes_json(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_QUICK": "1",
+                                            "GPU_CHECK_OUT": str(out), "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no CUDA device" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["cuda"] is False and set(result["parts"]) == {"check", "megatron", "train_step"}
+    assert result["parts"]["check"]["exit_code"] == 0
+    assert [v["item"] for v in result["check"]["items"]] == ["versions", "kernels", "disk"]
+    assert result["megatron_layer"] == {"cuda": False} and result["train_step"] == {"cuda": False}
+    assert not list(tmp_path.glob("gpu-check.*")), "the script removes its work directory"
