@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 try:
+    from benchmarks.common import measure_on_cuda
     from benchmarks.train_step import flops_per_token
 except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from common import measure_on_cuda
     from train_step import flops_per_token
 
 from coe_dist.config import load_config
@@ -64,15 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_step.json"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_step: no CUDA device: nothing measured")
-        result = {"cuda": False}
-    else:
-        result = run(args.config, args.overrides, args.warmup, args.steps)
-        print(json.dumps(result, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return measure_on_cuda("gpu_step", args.out, lambda: run(args.config, args.overrides, args.warmup, args.steps))
 
 
 if __name__ == "__main__":

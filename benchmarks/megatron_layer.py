@@ -13,7 +13,6 @@ megatron-core's MoELayer needs CUDA (it creates CUDA streams): without CUDA this
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,6 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+
+try:
+    from benchmarks.common import measure_on_cuda
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from common import measure_on_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,17 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "megatron_layer.json"))
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("megatron_layer: no CUDA device: megatron-core's MoELayer needs one; nothing measured")
-        result = {"cuda": False}
-    else:
-        result = run(args.config, args.warmup, args.repeats)
-        print(json.dumps(result, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    rc = measure_on_cuda("megatron_layer", args.out, lambda: run(args.config, args.warmup, args.repeats))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from coe_dist.cli_common import add_config_args, run_parsed, spawn_torchrun
+from coe_dist.cli_common import add_config_args, parse_and_run, spawn_torchrun
 from coe_dist.config import check_world, load_config
 
 
@@ -84,12 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: 2 for bad arguments, 0 for --help
-        return int(e.code or 0)
-    return run_parsed(args)
+    return parse_and_run(build_parser(), argv)
 
 
 if __name__ == "__main__":

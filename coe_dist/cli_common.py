@@ -3,6 +3,7 @@ check/cli.py import this; it imports none of them):
 
     add_config_args(parser)        --config FILE --set SECTION.KEY=VALUE ...
     run_parsed(args)               args.func(args) with the exit codes: 0 ok, 1 runtime error, 2 configuration
+    parse_and_run(parser, argv)    parse, then run_parsed
     fail(args, message, code)      one line on stderr (the traceback only with --debug)
     under_launcher()               is this process one rank of a torchrun/srun/mpirun job?
     spawn_torchrun(nproc, module_argv)   re-run a module under torchrun with N local ranks on loopback
@@ -44,6 +45,15 @@ def run_parsed(args: argparse.Namespace) -> int:
         return fail(args, f"config error: {e}", EXIT_CONFIG)
     except (UserError, FileNotFoundError, PermissionError) as e:
         return fail(args, f"error: {e}", EXIT_RUNTIME)
+
+
+def parse_and_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """A module's own `main`: parse (argparse exits 2 for bad arguments, 0 for --help), then run_parsed."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return run_parsed(args)
 
 
 def under_launcher() -> bool:

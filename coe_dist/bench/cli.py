@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from coe_dist.cli_common import run_parsed, under_launcher
+from coe_dist.cli_common import parse_and_run, under_launcher
 
 GRID_OPTIONS = (
     ("iterations", "C: CoE iterations"), ("top_k", "K: experts per token per iteration"),
@@ -163,11 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`python -m coe_dist.bench.cli comm|project ...` with the top-level CLI's error handling."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return run_parsed(args)
+    return parse_and_run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from coe_dist.cli_common import add_config_args, run_parsed, spawn_torchrun, under_launcher
+from coe_dist.cli_common import add_config_args, parse_and_run, spawn_torchrun, under_launcher
 from coe_dist.config import check_world, load_config
 
 SPAWNED = "COE_DIST_CHECK_SPAWNED"  # set for the ranks `--nproc` starts: the parent reports the exit code
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     _add_arguments(parser)
     parser.set_defaults(func=_check)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return run_parsed(args)
+    return parse_and_run(parser, argv)
 
 
 if __name__ == "__main__":
