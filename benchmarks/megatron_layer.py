@@ -13,6 +13,7 @@ megatron-core's MoELayer needs CUDA (it creates CUDA streams): without CUDA this
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -87,7 +88,7 @@ def run(config: str, warmup: int, repeats: int) -> dict:
     m, d = cfg.moe, cfg.model.hidden_size
     B, L = cfg.train.micro_batch_size, cfg.train.seq_len
     k_moe = m.iterations * (m.top_k + m.num_shared_experts) - m.num_shared_experts
-    coe = CoELayer(m.__class__(**{**m.__dict__, "ep_size": 1}), d).cuda()
+    coe = CoELayer(dataclasses.replace(m, ep_size=1), d).cuda()
     u = torch.randn(B, L, d, device="cuda", requires_grad=True)
 
     def coe_step() -> None:
