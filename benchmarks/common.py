@@ -130,6 +130,18 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
+def measure_on_cuda(name: str, out: str | Path, measure: Callable[[], dict]) -> int:
+    """Run a GPU-only benchmark: without CUDA say so and record {"cuda": false}; either way write `out`, exit 0."""
+    if torch.cuda.is_available():
+        result = measure()
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{name}: no CUDA device: nothing measured")
+        result = {"cuda": False}
+    write_json(out, result)
+    return 0
+
+
 def exit_without_destructors(code: int) -> None:
     """Leave at once. Once DeepSpeed's expert groups have carried an all-to-all, about one exit in three
     aborted in static destructors after everything was done ("terminate called without an active exception",

@@ -19,6 +19,8 @@ or else with the step the training loop last announced through `set_step`. Point
     train.grad        a micro-step's gradient: inf (the loss stays finite)         (loop)
     dispatch.counts   the expert counts one rank sends: corrupt                    (parallel/dispatch)
     checkpoint.before_rename   a complete checkpoint, before it is renamed         (train/checkpoint)
+    check.gemm        each timed GEMM call of `coe-dist check`: sleep=S (a slow rank)   (check/speed)
+    check.layer       the device layer of `coe-dist check`: corrupt (a wrong layer)     (check/layer)
 
 Unset (the normal case), `fault_point` is one dict lookup.
 """

@@ -2,6 +2,7 @@
 
     coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--partition Q] [--time T]
                           [--gpus-per-node G] [--container IMAGE] [--set K=V ...] [--dry-run] [--wait]
+                          [--check]   (`coe-dist check` on that layout instead: slurm/bench.sbatch)
     coe-dist slurm status JOBID
     coe-dist slurm cancel JOBID [--requeue]
 
@@ -29,6 +30,9 @@ from coe_dist.config import check_world, load_config
 from coe_dist.launcher import LaunchError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+# `submit --check`: `coe-dist check` on every process of the same layout, as a short job (no requeue).
+CHECK_TEMPLATE = TEMPLATE.with_name("bench.sbatch")
+CHECK_TIME = "00:30:00"
 # States after which a job never runs again (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "NODE_FAIL", "PREEMPTED"}
@@ -96,30 +100,31 @@ def plan(args: argparse.Namespace) -> Submission:
     check_world(cfg, args.nodes * args.procs_per_node)
     if args.time and not TIME_RE.match(args.time):
         raise SlurmError(f"--time {args.time!r}: use minutes or [days-]hours:minutes:seconds, e.g. 04:00:00")
-    template = Path(args.template) if args.template else TEMPLATE
+    template = Path(args.template) if args.template else CHECK_TEMPLATE if args.check else TEMPLATE
     if not template.is_file():
         raise SlurmError(f"batch template {template} does not exist: pass --template slurm/train.sbatch from a "
                          "coe-dist checkout")
     run_dir = Path(cfg.log.run_dir).resolve()
     log = run_dir / "slurm-%j.out"
     directives: dict[str, str | None] = {
-        "job-name": args.job_name or f"coe-{config.stem}",
+        "job-name": args.job_name or f"coe-{'check-' if args.check else ''}{config.stem}",
         "nodes": str(args.nodes),
         "output": str(log),
         "chdir": str(Path.cwd()),
     }
-    if args.tasks == "srun":
+    if args.tasks == "srun" and not args.check:  # bench.sbatch starts torchrun, one task per node
         directives["ntasks-per-node"] = str(args.procs_per_node)
     if args.partition:
         directives["partition"] = args.partition
-    if args.time:
-        directives["time"] = args.time
+    if args.time or args.check:
+        directives["time"] = args.time or CHECK_TIME
     if args.gpus_per_node:
         directives["gpus-per-node"] = str(args.gpus_per_node)
     if not args.exclusive:
         directives["exclusive"] = None
         directives["cpus-per-task"] = str(args.cpus_per_node) if args.cpus_per_node else None
-    env = {"PROCS_PER_NODE": str(args.procs_per_node), "TASKS": args.tasks}
+    env = {"PROCS_PER_NODE": str(args.procs_per_node),
+           **({"COMMAND": "check"} if args.check else {"TASKS": args.tasks})}
     if args.container:
         env["CONTAINER_IMAGE"] = args.container  # the image's own python3 runs inside
     else:
@@ -129,7 +134,7 @@ def plan(args: argparse.Namespace) -> Submission:
         train_args += ["--set", override]
     script = render(template.read_text(), directives=directives, env=env, args=train_args, source=str(template))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = run_dir / f"slurm-{stamp}.sbatch"
+    path = run_dir / f"slurm-{'check-' if args.check else ''}{stamp}.sbatch"
     sbatch = ["sbatch", "--parsable", *args.sbatch_args, str(path)]
     return Submission(script, sbatch, run_dir, log, env)
 
@@ -293,6 +298,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="ARG",
                    help="extra sbatch option, e.g. --sbatch-arg=--account=proj (repeatable)")
     p.add_argument("--template", help="batch script to render (default: slurm/train.sbatch of this checkout)")
+    p.add_argument("--check", action="store_true",
+                   help="instead of training: run `coe-dist check` on the same nodes and layout as a short job "
+                        "(slurm/bench.sbatch, --time default 00:30:00)")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job to end, printing its log; exit with its code")
     p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")

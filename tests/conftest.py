@@ -1,4 +1,4 @@
-"""Fixtures shared by the in-process layer tests."""
+"""Fixtures shared by the in-process layer tests; tests marked `cuda` are skipped where there is no CUDA device."""
 
 from __future__ import annotations
 
@@ -13,3 +13,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker cuda; benchmarks/gpu_check.sh runs these on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -121,7 +121,7 @@ def test_decided_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_matches_reference() -> None:
     """On a GPU: whichever kernel was chosen agrees with the formula, in bf16 autocast too."""
     gen = torch.Generator().manual_seed(2)

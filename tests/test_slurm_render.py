@@ -153,3 +153,16 @@ def test_local_slurm_script_refuses_unsafe_state_dirs(tmp_path: Path, make: str)
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert needle in out.stderr
+
+
+def test_check_job_renders_the_check_on_the_same_layout(tmp_path: Path) -> None:
+    out = dry_run(tmp_path, "--check", "--nodes", "2", "--procs-per-node", "8", "--tasks", "srun",
+                  "--set", "moe.ep_size=2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --time=00:30:00", "#SBATCH --job-name=coe-check-tiny",
+                 "#SBATCH --ntasks-per-node=1", "export PROCS_PER_NODE=8", "export COMMAND=check"):
+        assert line in lines, line
+    assert "#SBATCH --requeue" not in lines  # a check is rerun, not requeued
+    assert '-m coe_dist.cli "${command[@]}" --config "$config" "$@"' in out.stdout  # slurm/bench.sbatch
+    assert f"set -- {REPO / 'configs/tiny.yaml'} --set " in out.stdout and "--set moe.ep_size=2; fi" in out.stdout

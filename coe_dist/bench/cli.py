@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from coe_dist.cli_common import parse_and_run, under_launcher
+
 GRID_OPTIONS = (
     ("iterations", "C: CoE iterations"), ("top_k", "K: experts per token per iteration"),
     ("total_k", "C*K held fixed: K = total_k / C (overrides --top-k)"), ("num_experts", "N: routed experts"),
@@ -92,24 +94,16 @@ def _grid_overrides(args: argparse.Namespace) -> dict:
             if getattr(args, f"grid_{key}", None) is not None}
 
 
-def _under_launcher() -> bool:
-    from coe_dist.launcher import MPI_MARKERS, TORCHRUN_MARKERS
-
-    env = os.environ
-    return (any(k in env for k in TORCHRUN_MARKERS) or ("SLURM_STEP_ID" in env and "SLURM_PROCID" in env)
-            or any(k in env for k in MPI_MARKERS))
-
-
 def _comm(args: argparse.Namespace) -> int:
     if not args.out:
         args.out = f"runs/bench/comm-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    if args.nproc and args.nproc > 1 and not _under_launcher():
+    if args.nproc and args.nproc > 1 and not under_launcher():
         return _spawn(args)
     from coe_dist.bench import comm
 
     args.grid_overrides = _grid_overrides(args)
     rc = comm.run(args)
-    if _under_launcher():
+    if under_launcher():
         # Everything is written and the process group is gone. Leave without running static destructors:
         # after gloo groups have carried all-to-alls, about one exit in three aborts in them ("terminate
         # called without an active exception", no Python frame), which the launcher reports as a failure
@@ -168,21 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m coe_dist.bench.cli comm|project ...` with the top-level CLI's error handling."""
-    from coe_dist.cli import _fail
-    from coe_dist.config import ConfigError
-    from coe_dist.errors import UserError
-
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        return _fail(args, f"config error: {e}", 2)
-    except (UserError, FileNotFoundError, PermissionError) as e:
-        return _fail(args, f"error: {e}", 1)
+    return parse_and_run(parser, argv)
 
 
 if __name__ == "__main__":
