@@ -21,6 +21,7 @@ import sys
 import tempfile
 import traceback
 
+from coe_dist.argtypes import OneLineParser, positive_int
 from coe_dist.config import ConfigError, check_world, load_config
 from coe_dist.errors import UserError
 
@@ -84,7 +85,7 @@ def _wait_through_ctrl_c(proc: subprocess.Popen) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="coe-dist",
         description="Train Chain-of-Experts (CoE) language models with expert parallelism under DeepSpeed ZeRO.",
         epilog="Start with: coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Pretrain a CoE language model. Under torchrun/srun/mpirun each process "
                                        "runs this command; --nproc P starts P local processes through torchrun.")
     _add_config_args(train)
-    train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
+    train.add_argument("--nproc", type=positive_int, default=1, help="processes to start on this node (default 1)")
     train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
                        "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coe_dist.argtypes import OneLineParser, positive_float, positive_int
 from coe_dist.config import check_world, load_config
 from coe_dist.launcher import LaunchError
 
@@ -278,9 +279,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override, passed to the trainer (repeatable)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--procs-per-node", type=int, default=1, help="trainer processes per node, e.g. GPUs (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request per node (default: none)")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    p.add_argument("--procs-per-node", type=positive_int, default=1,
+                   help="trainer processes per node, e.g. GPUs (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, help="GPUs to request per node (default: none)")
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--time", help="time limit, e.g. 04:00:00 (default: the template's)")
     p.add_argument("--container", metavar="IMAGE", help="run in a container: pyxis/enroot image or apptainer .sif")
@@ -289,13 +291,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--job-name", help="default coe-<config name>")
     p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
                    help="share nodes with other jobs instead of taking them whole")
-    p.add_argument("--cpus-per-node", type=int, default=0, help="with --no-exclusive: CPUs per node to ask for")
+    p.add_argument("--cpus-per-node", type=positive_int, help="with --no-exclusive: CPUs per node to ask for")
     p.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="ARG",
                    help="extra sbatch option, e.g. --sbatch-arg=--account=proj (repeatable)")
     p.add_argument("--template", help="batch script to render (default: slurm/train.sbatch of this checkout)")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job to end, printing its log; exit with its code")
-    p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
+    p.add_argument("--timeout", type=positive_float, help="with --wait: give up waiting after this many seconds")
     p.add_argument("--quiet", action="store_true", help="with --wait: do not print the job's log")
     p.set_defaults(func=_submit)
 
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m coe_dist.slurm ...` = `coe-dist slurm ...`, with the same exit codes (2 config, 1 runtime)."""
     from coe_dist.config import ConfigError
 
-    parser = argparse.ArgumentParser(prog="coe-dist")
+    parser = OneLineParser(prog="coe-dist")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["slurm", *(sys.argv[1:] if argv is None else argv)])
     try:
