@@ -15,12 +15,10 @@ User errors print one line; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
 import traceback
 
+from coe_dist import local_launch
 from coe_dist.argtypes import OneLineParser, positive_int
 from coe_dist.config import ConfigError, check_world, load_config
 from coe_dist.errors import UserError
@@ -36,9 +34,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if args.nproc > 1:
         check_world(cfg, args.nproc)  # fail before starting any process
-        return _spawn_torchrun(args)
+        return local_launch.run_local(args.nproc, _trainer_args(args), debug=getattr(args, "debug", False))
     from coe_dist.train import allocator
     from coe_dist.train.loop import train
 
@@ -48,40 +46,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn_torchrun(args: argparse.Namespace) -> int:
-    """Re-launch this command under torchrun on this node. The rendezvous endpoint, the trainers' store and (see
-    coe_dist.launcher) gloo stay on loopback; temporary files go to a private directory, removed afterwards."""
-    # --local-addr: the trainers' MASTER_ADDR (torchrun would give them this host's FQDN, whose address may be
-    # the LAN's); --standalone would name the endpoint localhost, which may resolve to ::1 first.
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--nnodes=1",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=coe-dist", "--local-addr=127.0.0.1",
-           "-m", "coe_dist.train"]
-    if args.config:
-        cmd += ["--config", args.config]
+def _trainer_args(args: argparse.Namespace) -> list[str]:
+    """This command's arguments for each trainer, --nproc left out."""
+    out = ["--config", args.config] if args.config else []
     for override in args.overrides:
-        cmd += ["--set", override]
+        out += ["--set", override]
     if args.resume:
-        cmd += ["--resume", args.resume]
+        out += ["--resume", args.resume]
     if getattr(args, "debug", False):
-        cmd.append("--debug")
-    print("coe-dist: " + " ".join(cmd[1:]), flush=True)
-    # mkdtemp: mode 0700. torchrun's log directory (torchelastic_*, never removed by torchrun) lands in it.
-    with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp:
-        # torchrun's agent keeps its rendezvous store across restarts unless told not to; restarted ranks
-        # would read the previous attempt's addresses and hang (pytorch/pytorch#135712). Unshared, the
-        # trainers' store is rank 0's, bound to 127.0.0.1, not a second agent store on every interface.
-        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "TMPDIR": tmp}
-        return _wait_through_ctrl_c(subprocess.Popen(cmd, env=env))
-
-
-def _wait_through_ctrl_c(proc: subprocess.Popen) -> int:
-    """Wait for torchrun even after Ctrl-C: the terminal sent SIGINT to it too, and it is stopping the trainers
-    (killing it would leave them running, writing into the temporary directory about to be removed)."""
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue
+        out.append("--debug")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="pretrain a CoE model (one process, or --nproc P via torchrun)",
+    train = sub.add_parser("train", help="pretrain a CoE model (one process, or --nproc P via torchrun's agent)",
                            description="Pretrain a CoE language model. Under torchrun/srun/mpirun each process "
                                        "runs this command; --nproc P starts P local processes through torchrun.")
     _add_config_args(train)
@@ -133,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     if getattr(args, "debug", False):
         traceback.print_exc()
-    print(f"coe-dist: {message}", file=sys.stderr, flush=True)
+    line = f"coe-dist: {message}"
+    if not local_launch.write_error(line, code):  # a trainer under --nproc: the launcher prints it, once
+        print(line, file=sys.stderr, flush=True)
     return code
 
 
