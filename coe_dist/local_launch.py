@@ -224,7 +224,9 @@ def failure_line(failures: dict, errors: dict[int, dict]) -> tuple[str, int]:
     deaths = "; ".join(_death(rank, code) for rank, code in silent)
     if first is None:
         return f"coe-dist: error: {deaths}", 1
-    return f"coe-dist: error: {deaths}; rank {first['rank']} then: {_strip_prefix(first['message'])}", 1
+    then = _strip_prefix(first["message"])
+    then = then if then.startswith("rank ") else f"rank {first['rank']}: {then}"
+    return f"coe-dist: error: {deaths}; then {then}", 1
 
 
 def _strip_prefix(message: str) -> str:
