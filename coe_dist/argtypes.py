@@ -11,26 +11,24 @@ import sys
 from typing import NoReturn
 
 
-def positive_int(text: str) -> int:
-    """A count that must be at least 1 (processes, tokens, batches, repeats, GPUs...)."""
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; give a whole number >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= {minimum}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give a whole number >= {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (processes, tokens, batches, repeats, GPUs...)."""
+    return _whole_number(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
     """A count that may be 0 (warm-up rounds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; give a whole number >= 0")
-    return value
+    return _whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:
