@@ -85,8 +85,8 @@ trap 'stop 10' USR1
 setsid "${run[@]}" "$PYTHON" -m coe_dist.train --config "$config" "${trainer[@]}" &
 pid=$!
 while :; do
-  wait "$pid"
-  rc=$?
+  rc=0
+  wait "$pid" || rc=$?  # not `set -e`'s exit: a trap that interrupts wait makes it return 128 + signal
   kill -0 "$pid" 2>/dev/null || break  # a trap interrupted wait: mpirun still runs
 done
 [ "$stopped" = 0 ] || exit $((128 + stopped))
