@@ -36,7 +36,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1:
         check_world(cfg, args.nproc)  # fail before starting any process
-        return local_launch.run_local(args.nproc, _trainer_args(args), debug=getattr(args, "debug", False))
+        return local_launch.run_local(args.nproc, "coe_dist.train", _trainer_args(args),
+                                      debug=getattr(args, "debug", False))
     from coe_dist.train import allocator
     from coe_dist.train.loop import train
 

@@ -1,5 +1,5 @@
-"""`coe-dist train --nproc N`: N trainers on this machine under torchrun's elastic agent, run inside this
-process, so that the job is this one PID.
+"""`coe-dist train --nproc N` (and `bench comm --nproc N`): N processes on this machine under torchrun's
+elastic agent, run inside this process, so that the job is this one PID.
 
     coe-dist train --nproc N -> run_local -> torchrun's agent (here) -> N x `python -m coe_dist.train ...`
     SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1 to this PID -> the agent passes it to every trainer -> they save a
@@ -36,8 +36,8 @@ LEFTOVER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
 
 
-def run_local(nproc: int, trainer_args: list[str], *, debug: bool = False) -> int:
-    """Run `python -m coe_dist.train *trainer_args` as nproc ranks; the exit code of the job."""
+def run_local(nproc: int, module: str, module_args: list[str], *, debug: bool = False) -> int:
+    """Run `python -m module *module_args` as nproc ranks (e.g. coe_dist.train); the exit code of the job."""
     if "TORCHELASTIC_RUN_ID" in os.environ or any(k in os.environ for k in MPI_MARKERS):
         raise LaunchError(f"--nproc {nproc} inside a job that torchrun or MPI already started: drop --nproc "
                           "(the launcher starts the processes), or run coe-dist train --nproc from a plain shell")
@@ -46,8 +46,7 @@ def run_local(nproc: int, trainer_args: list[str], *, debug: bool = False) -> in
         print(f"coe-dist: ignoring {', '.join(f'{k}={os.environ[k]}' for k in dropped)} from the environment: "
               f"--nproc {nproc} starts and numbers its own ranks", flush=True)
     cmd = ["--nproc-per-node", str(nproc), "--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
-           "--rdzv-id=coe-dist", "--local-addr=127.0.0.1", "--monitor-interval=0.2", "-m", "coe_dist.train",
-           *trainer_args]
+           "--rdzv-id=coe-dist", "--local-addr=127.0.0.1", "--monitor-interval=0.2", "-m", module, *module_args]
     print("coe-dist: torchrun " + " ".join(cmd), flush=True)
     # mkdtemp: mode 0700. torchrun's log directory and the trainers' temporary files land in it.
     with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp, _job_environment(tmp, dropped), \
@@ -85,7 +84,8 @@ def _run_agent(cmd: list[str], errors: Path) -> int:
 @contextlib.contextmanager
 def _job_environment(tmp: str, dropped: list[str]) -> Iterator[None]:
     """The trainers' environment (the agent passes os.environ on), restored afterwards for callers in-process."""
-    saved = dict(os.environ)
+    saved, saved_tempdir = dict(os.environ), tempfile.tempdir
+    tempfile.tempdir = tmp  # the agent's own files (torchrun's torchelastic_* log directory) go there too
     for key in dropped:
         del os.environ[key]
     # A fresh rendezvous store per restart (pytorch/pytorch#135712); unshared, rank 0 serves the trainers'
@@ -99,6 +99,7 @@ def _job_environment(tmp: str, dropped: list[str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        tempfile.tempdir = saved_tempdir
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import subprocess
 import sys
 
 from coe_dist.argtypes import OneLineParser, nonnegative_int, positive_float, positive_int
@@ -146,12 +145,13 @@ def comm_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _spawn(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun with --nproc local ranks (c10d rendezvous on a free port)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "coe_dist.bench.cli", *(["--debug"] if getattr(args, "debug", False) else []), "comm",
-           *comm_argv(args)]
-    print("coe-dist: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    """Re-run this command as --nproc local ranks under torchrun's agent (coe_dist.local_launch: one PID,
+    signals passed on, one-line errors)."""
+    from coe_dist import local_launch
+
+    debug = getattr(args, "debug", False)
+    return local_launch.run_local(args.nproc, "coe_dist.bench.cli",
+                                  [*(["--debug"] if debug else []), "comm", *comm_argv(args)], debug=debug)
 
 
 def _project(args: argparse.Namespace) -> int:
