@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from coe_dist.launcher import MPI_MARKERS, LaunchError
@@ -48,29 +48,45 @@ def run_local(nproc: int, module: str, module_args: list[str], *, debug: bool = 
     cmd = ["--nproc-per-node", str(nproc), "--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
            "--rdzv-id=coe-dist", "--local-addr=127.0.0.1", "--monitor-interval=0.2", "-m", module, *module_args]
     print("coe-dist: torchrun " + " ".join(cmd), flush=True)
+    return run_torchrun(cmd, drop=dropped, debug=debug)
+
+
+def run_torchrun(torchrun_args: list[str], *, drop: Sequence[str] = (), debug: bool = False) -> int:
+    """torchrun with these arguments (any of its options, then the program), its agent in this process: the
+    exit code of the job, 128 + a signal that stopped it, or a failed trainer's code after its one line."""
     # mkdtemp: mode 0700. torchrun's log directory and the trainers' temporary files land in it.
-    with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp, _job_environment(tmp, dropped), \
+    with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp, _job_environment(tmp, drop), \
             _quiet_agent(debug), _signals_restored():
         errors = Path(tmp) / "errors"
         errors.mkdir()
         os.environ[ERROR_DIR_VAR] = str(errors)
-        return _run_agent(cmd, errors)
+        return _run_agent(torchrun_args, errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m coe_dist.local_launch [torchrun options] -m coe_dist.train ...`: what launch/torchrun.sh runs."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_torchrun(argv, debug="--debug" in argv)
+    except LaunchError as e:
+        print(f"coe-dist: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _run_agent(cmd: list[str], errors: Path) -> int:
+    """torchrun's own main, less its @record wrapper (the ChildFailedError dump, a traceback for a signal)."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import launch_agent
-    from torch.distributed.run import config_from_args, get_args_parser
+    from torch.distributed.run import parse_args, run
 
-    config, entrypoint, args = config_from_args(get_args_parser().parse_args(cmd))
+    args = parse_args(cmd)
     # Until the agent starts the trainers and takes these over itself: a signal during the rendezvous ends it
     # the same way (an exception, not Python's KeyboardInterrupt traceback or SIGTERM's silent death).
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), _terminate_process_handler)
     try:
-        launch_agent(config, entrypoint, args)
+        run(args)
     except SignalException as e:
         _stop_children(e.sigval)
         return 128 + int(e.sigval)
@@ -82,7 +98,7 @@ def _run_agent(cmd: list[str], errors: Path) -> int:
 
 
 @contextlib.contextmanager
-def _job_environment(tmp: str, dropped: list[str]) -> Iterator[None]:
+def _job_environment(tmp: str, dropped: Sequence[str]) -> Iterator[None]:
     """The trainers' environment (the agent passes os.environ on), restored afterwards for callers in-process."""
     saved, saved_tempdir = dict(os.environ), tempfile.tempdir
     tempfile.tempdir = tmp  # the agent's own files (torchrun's torchelastic_* log directory) go there too
@@ -90,9 +106,9 @@ def _job_environment(tmp: str, dropped: list[str]) -> Iterator[None]:
         del os.environ[key]
     # A fresh rendezvous store per restart (pytorch/pytorch#135712); unshared, rank 0 serves the trainers'
     # store on 127.0.0.1 only, not the agent on every interface.
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ["TMPDIR"] = tmp
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = os.environ["PET_SIGNALS_TO_HANDLE"] = ",".join(STOP_SIGNALS)
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", ",".join(STOP_SIGNALS))
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     try:
         yield
@@ -235,3 +251,7 @@ def _strip_prefix(message: str) -> str:
         if message.startswith(prefix):
             return message[len(prefix):]
     return message
+
+
+if __name__ == "__main__":
+    sys.exit(main())
