@@ -16,18 +16,18 @@ User errors print one line; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from coe_dist.argtypes import OneLineParser, positive_int
 from coe_dist.cli_common import add_config_args, parse_and_run, spawn_torchrun
 from coe_dist.config import check_world, load_config
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1 and "RANK" not in os.environ:
+    if args.nproc > 1:
         check_world(cfg, args.nproc)  # fail before starting any process
-        return spawn_torchrun(args.nproc, ["coe_dist.train", *_train_argv(args)])
+        return spawn_torchrun(args.nproc, ["coe_dist.train", *_train_argv(args)], debug=getattr(args, "debug", False))
     from coe_dist.train import allocator
     from coe_dist.train.loop import train
 
@@ -50,18 +50,18 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="coe-dist",
         description="Train Chain-of-Experts (CoE) language models with expert parallelism under DeepSpeed ZeRO.",
         epilog="Start with: coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="pretrain a CoE model (one process, or --nproc P via torchrun)",
+    train = sub.add_parser("train", help="pretrain a CoE model (one process, or --nproc P via torchrun's agent)",
                            description="Pretrain a CoE language model. Under torchrun/srun/mpirun each process "
                                        "runs this command; --nproc P starts P local processes through torchrun.")
     add_config_args(train)
-    train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
+    train.add_argument("--nproc", type=positive_int, default=1, help="processes to start on this node (default 1)")
     train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
                        "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.

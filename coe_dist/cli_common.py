@@ -6,16 +6,14 @@ check/cli.py import this; it imports none of them):
     parse_and_run(parser, argv)    parse, then run_parsed
     fail(args, message, code)      one line on stderr (the traceback only with --debug)
     under_launcher()               is this process one rank of a torchrun/srun/mpirun job?
-    spawn_torchrun(nproc, module_argv)   re-run a module under torchrun with N local ranks on loopback
+    spawn_torchrun(nproc, module_argv)   run a module as N local ranks under torchrun's agent (local_launch)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import traceback
 
 from coe_dist.config import ConfigError
@@ -33,7 +31,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def fail(args: argparse.Namespace, message: str, code: int) -> int:
     if getattr(args, "debug", False):
         traceback.print_exc()
-    print(f"coe-dist: {message}", file=sys.stderr, flush=True)
+    line = f"coe-dist: {message}"
+    from coe_dist.local_launch import write_error
+
+    if not write_error(line, code):  # a rank under --nproc hands its line to the launcher, printed once
+        print(line, file=sys.stderr, flush=True)
     return code
 
 
@@ -65,30 +67,17 @@ def under_launcher() -> bool:
             or any(k in env for k in MPI_MARKERS))
 
 
-def spawn_torchrun(nproc: int, module_argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Re-launch `python -m MODULE ARGS` under torchrun with `nproc` ranks on this node. The rendezvous
-    endpoint, the trainers' store and (see coe_dist.launcher) gloo stay on loopback; temporary files go to a
-    private directory, removed afterwards. `env`: variables added for the ranks."""
-    # --local-addr: the trainers' MASTER_ADDR (torchrun would give them this host's FQDN, whose address may be
-    # the LAN's); --standalone would name the endpoint localhost, which may resolve to ::1 first.
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=coe-dist", "--local-addr=127.0.0.1",
-           "-m", *module_argv]
-    print("coe-dist: " + " ".join(cmd[1:]), flush=True)
-    # mkdtemp: mode 0700. torchrun's log directory (torchelastic_*, never removed by torchrun) lands in it.
-    with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp:
-        # torchrun's agent keeps its rendezvous store across restarts unless told not to; restarted ranks
-        # would read the previous attempt's addresses and hang (pytorch/pytorch#135712). Unshared, the
-        # trainers' store is rank 0's, bound to 127.0.0.1, not a second agent store on every interface.
-        full_env = {**os.environ, **(env or {}), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "TMPDIR": tmp}
-        return _wait_through_ctrl_c(subprocess.Popen(cmd, env=full_env))
+def spawn_torchrun(nproc: int, module_argv: list[str], env: dict[str, str] | None = None, *,
+                   debug: bool = False) -> int:
+    """Run `python -m MODULE ARGS` as `nproc` ranks on this node under torchrun's agent, in this process
+    (coe_dist.local_launch: one PID, signals passed on to every rank, one-line errors). `env`: variables
+    added for the ranks."""
+    from coe_dist import local_launch
 
-
-def _wait_through_ctrl_c(proc: subprocess.Popen) -> int:
-    """Wait for torchrun even after Ctrl-C: the terminal sent SIGINT to it too, and it is stopping the ranks
-    (killing it would leave them running, writing into the temporary directory about to be removed)."""
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        return local_launch.run_local(nproc, module_argv[0], module_argv[1:], debug=debug)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

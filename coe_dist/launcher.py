@@ -18,16 +18,22 @@ Sources, in this order (the first that is present wins):
   4. nothing: a single process (rank 0 of 1)
 
 init_distributed: where rank 0 serves the rendezvous store (every source but torchrun's agent store) it
-listens on MASTER_ADDR only, and a loopback MASTER_ADDR keeps gloo on the loopback interface.
+listens on MASTER_ADDR only, and a loopback MASTER_ADDR keeps gloo on the loopback interface. Before the
+process group starts, the ranks meet in the store (meet): each announces its world size and the hash of its
+resolved config, and a rank that never arrives, a WORLD_SIZE or a config that differs becomes one line
+within parallel.timeout_s, naming the ranks, both values or the differing keys.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
+import json
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -298,8 +304,9 @@ def pick_backend(requested: str, device_type: str) -> str:
     return requested
 
 
-def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
-    """Start torch.distributed (and DeepSpeed's comm wrapper) for any world size, 1 included."""
+def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float, config: Mapping | None = None) -> None:
+    """Start torch.distributed (and DeepSpeed's comm wrapper) for any world size, 1 included; `config` (the
+    resolved run config) must be the same on every rank."""
     import torch.distributed as dist
 
     from coe_dist.parallel.groups import init_deepspeed_comm
@@ -314,8 +321,11 @@ def init_distributed(penv: ProcessEnv, backend: str, timeout_s: float) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_IFNAME)
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, store=rendezvous_store(penv, timeout), rank=penv.rank,
-                                world_size=penv.world_size, timeout=timeout)
+        store = rendezvous_store(penv, timeout)
+        if penv.world_size > 1:
+            # torchrun's agent serves the store that env:// joins: meet in it through a client of our own.
+            meet(store if store is not None else _store_client(penv, timeout), penv, config or {}, timeout_s)
+        dist.init_process_group(backend, store=store, rank=penv.rank, world_size=penv.world_size, timeout=timeout)
     init_deepspeed_comm(backend, timedelta(seconds=timeout_s))
 
 
@@ -343,16 +353,162 @@ def rendezvous_store(penv: ProcessEnv, timeout: timedelta) -> Store | None:
     if penv.world_size == 1:
         return dist.HashStore()
     if penv.rank != 0:
-        return dist.TCPStore(penv.master_addr, penv.master_port, penv.world_size, is_master=False, timeout=timeout)
+        return _store_client(penv, timeout)
     sock = listen_socket(penv.master_addr, penv.master_port)
+    # wait_for_workers=False: meet() waits for the other ranks, and says which never came.
     try:
         store = dist.TCPStore(penv.master_addr, penv.master_port, penv.world_size, is_master=True, timeout=timeout,
-                              master_listen_fd=sock.fileno())
+                              master_listen_fd=sock.fileno(), wait_for_workers=False)
     except BaseException:
         sock.close()
         raise
     sock.detach()  # the store owns the descriptor now and closes it
     return store
+
+
+def _store_client(penv: ProcessEnv, timeout: timedelta) -> Store:
+    """A connection to rank 0's (or torchrun's agent's) store; one line when nobody answers there."""
+    import torch.distributed as dist
+
+    try:
+        # Wait for a listener here: torch's client retries print C++ stack dumps while rank 0 is not up yet.
+        _await_listener(penv.master_addr, penv.master_port, timeout.total_seconds())
+        return dist.TCPStore(penv.master_addr, penv.master_port, penv.world_size, is_master=False, timeout=timeout)
+    except (RuntimeError, OSError) as e:  # torch's DistNetworkError is a RuntimeError
+        raise LaunchError(f"rank {penv.rank}: nobody serves the rendezvous at {penv.master_addr}:{penv.master_port} "
+                          f"(waited {timeout.total_seconds():g} s, parallel.timeout_s): start rank 0 with the same "
+                          f"MASTER_ADDR and MASTER_PORT, or fix them [{_first_line(e)}]") from None
+
+
+def _await_listener(host: str, port: int, timeout_s: float) -> None:
+    """Return once something accepts connections on host:port; TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(2.0, timeout_s)).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer on {host}:{port}: {e.strerror or e}") from None
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- meeting: who came, and do they agree
+
+MEET_PREFIX = "coe-dist/meet"
+MEET_POLL_S = 0.1
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}"""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_digest(flat: Mapping[str, object]) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def meet(store: Store, penv: ProcessEnv, config: Mapping, timeout_s: float) -> None:
+    """Every rank announces itself; rank 0 waits for all of them (parallel.timeout_s) and compares world sizes and
+    config hashes, then posts its verdict, which every other rank waits for. Each rank also checks rank 0's world
+    size itself, so that a mismatch fails both sides at once. Raises LaunchError with the same line everywhere."""
+    flat = json.loads(json.dumps(flatten(config), default=str))  # as every rank reads it: tuples are lists
+    me = {"world_size": penv.world_size, "digest": config_digest(flat), "config": flat,
+          "host": socket.gethostname(), "pid": os.getpid()}
+    prefix = f"{MEET_PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{prefix}{penv.rank}", json.dumps(me, default=str))
+    store.add(f"{prefix}arrived", 1)
+    deadline = time.monotonic() + timeout_s
+    try:
+        if penv.rank == 0:
+            verdict = _judge(store, prefix, me, penv, deadline, timeout_s)
+            store.set(f"{prefix}verdict", verdict)
+            if verdict != "ok":
+                _until_read(store, prefix, penv.world_size)
+        else:
+            verdict = _await_verdict(store, prefix, me, penv, deadline, timeout_s)
+            store.add(f"{prefix}read", 1)
+    except (RuntimeError, OSError) as e:  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+        raise LaunchError(f"rank {penv.rank}: the rendezvous store at {penv.master_addr}:{penv.master_port} went away "
+                          f"while the ranks met (rank 0 stopped: see its error) [{_first_line(e)}]") from None
+    if verdict != "ok":
+        raise LaunchError(verdict)
+
+
+def _judge(store: Store, prefix: str, me: dict, penv: ProcessEnv, deadline: float, timeout_s: float) -> str:
+    pending, seen = set(range(1, penv.world_size)), 1
+    while pending:
+        arrived = store.add(f"{prefix}arrived", 0)
+        if arrived > seen:  # someone new: read the records not read yet
+            seen = arrived
+            for rank in sorted(pending):
+                if store.check([f"{prefix}{rank}"]):
+                    pending.discard(rank)
+                    problem = _disagreement(me, 0, json.loads(store.get(f"{prefix}{rank}")), rank)
+                    if problem:
+                        return problem
+            if arrived > penv.world_size:
+                return (f"{arrived} processes joined the rendezvous at {penv.master_addr}:{penv.master_port} for a "
+                        f"world of {penv.world_size}: some were started with a larger WORLD_SIZE, or twice; start "
+                        "exactly WORLD_SIZE ranks numbered 0..WORLD_SIZE-1")
+        if pending and time.monotonic() > deadline:
+            return (f"{penv.world_size - len(pending)}/{penv.world_size} ranks arrived at the rendezvous "
+                    f"{penv.master_addr}:{penv.master_port} within parallel.timeout_s={timeout_s:g} s; missing: "
+                    f"rank{'s' if len(pending) > 1 else ''} {', '.join(map(str, sorted(pending)))}: start them "
+                    f"(same MASTER_ADDR, MASTER_PORT, WORLD_SIZE={penv.world_size}) or raise parallel.timeout_s")
+        if pending:
+            time.sleep(MEET_POLL_S)
+    return "ok"
+
+
+def _until_read(store: Store, prefix: str, world_size: int, wait_s: float = 5.0) -> None:
+    """Rank 0's store lives in its process: keep it up until the others have read a bad verdict (or briefly)."""
+    end = time.monotonic() + wait_s
+    while store.add(f"{prefix}read", 0) < store.add(f"{prefix}arrived", 0) - 1 and time.monotonic() < end:
+        time.sleep(MEET_POLL_S)
+
+
+def _await_verdict(store: Store, prefix: str, me: dict, penv: ProcessEnv, deadline: float, timeout_s: float) -> str:
+    checked = False
+    while True:
+        if not checked and store.check([f"{prefix}0"]):
+            checked = True
+            problem = _disagreement(json.loads(store.get(f"{prefix}0")), 0, me, penv.rank)
+            if problem and "WORLD_SIZE" in problem:
+                return problem  # rank 0 may wait for a rank that never comes: do not wait for its verdict
+        if store.check([f"{prefix}verdict"]):
+            return store.get(f"{prefix}verdict").decode()
+        # Rank 0 posts its verdict by the same deadline; the margin covers the clocks' start-up skew.
+        if time.monotonic() > deadline + 10:
+            return (f"rank {penv.rank}: rank 0 did not confirm within parallel.timeout_s={timeout_s:g} s that every "
+                    f"rank arrived at {penv.master_addr}:{penv.master_port}: check rank 0's output")
+        time.sleep(MEET_POLL_S)
+
+
+def _disagreement(zero: dict, zero_rank: int, other: dict, rank: int) -> str:
+    """'' when rank `rank` agrees with rank 0, else the line that says how they differ."""
+    where = f"rank {rank} ({other['host']}, pid {other['pid']})"
+    if other["world_size"] != zero["world_size"]:
+        return (f"{where} has WORLD_SIZE={other['world_size']} but rank {zero_rank} has WORLD_SIZE="
+                f"{zero['world_size']}: start every rank with the same world size")
+    if other["digest"] != zero["digest"]:
+        a, b = zero["config"], other["config"]
+        keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+        shown = ", ".join(f"{k}={b.get(k, '<unset>')!r} (rank {zero_rank}: {a.get(k, '<unset>')!r})" for k in keys[:5])
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        return (f"{where} runs another config than rank {zero_rank} (config hash {other['digest']} vs "
+                f"{zero['digest']}): {shown}{more}; start every rank with the same config file and --set options")
+    return ""
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -7,8 +7,9 @@
     coe-dist slurm cancel JOBID [--requeue]
 
 `submit` renders the template (slurm/train.sbatch) into a self-contained script: the #SBATCH lines
-carry the resources asked for, an added block sets PROCS_PER_NODE, PYTHON and CONTAINER_IMAGE, and
-the config and overrides become the script's default arguments. The script is saved as
+carry the resources asked for (each value checked, or quoted, so that it stays one option on one line:
+nothing typed can add lines or options), an added block sets PROCS_PER_NODE, PYTHON and CONTAINER_IMAGE,
+and the config and overrides become the script's default arguments (shell-quoted). The script is saved as
 <run_dir>/slurm-<time>.sbatch (so the run dir records exactly what ran) and submitted with sbatch;
 --dry-run prints it and the sbatch command instead. Plain sbatch and squeue/scontrol/scancel do
 the work: nothing here is needed to run, inspect or resubmit a job by hand.
@@ -26,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coe_dist.config import check_world, load_config
+from coe_dist.argtypes import OneLineParser, positive_float, positive_int
+from coe_dist.config import ConfigError, check_world, load_config
 from coe_dist.launcher import LaunchError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
@@ -36,7 +38,15 @@ CHECK_TIME = "00:30:00"
 # States after which a job never runs again (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "NODE_FAIL", "PREEMPTED"}
-TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+TIME_RE = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+# Names Slurm gives jobs, partitions and accounts: written into #SBATCH lines as they are.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+PARTITIONS_RE = re.compile(rf"{NAME_RE.pattern}(,{NAME_RE.pattern})*")
+# sbatch splits an #SBATCH line into options at blanks, honours quotes and backslashes and ends it at an
+# unquoted '#'. A value of these characters is one option as it stands; any other is put in double quotes,
+# which cannot hold '"', '\\', '#' (older sbatch ends the line at '#' even inside quotes) or a line break.
+PLAIN_VALUE_RE = re.compile(r"[A-Za-z0-9_.,:=+%@/-]+")
+UNQUOTABLE = ('"', "\\", "#")
 
 
 class SlurmError(LaunchError):
@@ -54,10 +64,22 @@ class Submission:
 
 # ---------------------------------------------------------------- rendering
 
+def directive_value(key: str, value: str) -> str:
+    """`value` as sbatch will read it back whole on an #SBATCH line: as is, or double-quoted; else refused."""
+    if PLAIN_VALUE_RE.fullmatch(value):
+        return value
+    if value.isprintable() and not any(c in value for c in UNQUOTABLE):
+        return f'"{value}"'
+    raise ConfigError(f"--{key} {value!r}: an #SBATCH value cannot hold a line break, control character, "
+                      "'\"', '\\' or '#'; rename it (for paths: choose log.run_dir / a working directory without them)")
+
+
 def _set_directive(lines: list[str], key: str, value: str | None) -> list[str]:
     """Replace `#SBATCH --key...` (or add it after the last #SBATCH line); value None removes it."""
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+        raise SlurmError(f"#SBATCH option name {key!r}: expected a long option name such as job-name")
     pattern = re.compile(rf"^#SBATCH\s+--{re.escape(key)}(=|\s|$)")
-    new = None if value is None else (f"#SBATCH --{key}" + (f"={value}" if value != "" else ""))
+    new = None if value is None else (f"#SBATCH --{key}" + (f"={directive_value(key, value)}" if value else ""))
     out, done = [], False
     for line in lines:
         if pattern.match(line):
@@ -82,8 +104,9 @@ def render(template: str, *, directives: dict[str, str | None], env: dict[str, s
         lines = _set_directive(lines, key, value)
     # Slurm reads #SBATCH lines only up to the first command: the block goes after the last one.
     last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
-    block = [f"# ---- rendered by `coe-dist slurm submit` from {source} at {time.strftime('%Y-%m-%d %H:%M:%S')}"]
-    block += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    # repr: a line break in the template's path must not start a line of its own.
+    block = [f"# ---- rendered by `coe-dist slurm submit` from {source!r} at {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+    block += [f"export {_env_name(k)}={shlex.quote(v)}" for k, v in env.items()]
     block += ["# Arguments given to sbatch after the script replace these.",
               "if [ $# -eq 0 ]; then set -- " + " ".join(shlex.quote(a) for a in args) + "; fi",
               "# ----"]
@@ -91,15 +114,42 @@ def render(template: str, *, directives: dict[str, str | None], env: dict[str, s
     return "\n".join(lines) + "\n"
 
 
+def _env_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise SlurmError(f"environment variable name {name!r}: expected letters, digits and '_'")
+    return name
+
+
+def _checked_name(option: str, value: str, pattern: re.Pattern[str], example: str) -> str:
+    if not pattern.fullmatch(value):
+        raise ConfigError(f"{option} {value!r}: expected letters, digits and . _ + - (e.g. {example}); "
+                          "nothing else can be written into an #SBATCH line safely")
+    return value
+
+
+def _checked_sbatch_arg(arg: str) -> str:
+    """An extra option for the sbatch command line: an option, on one line (a bare word would become the script)."""
+    if not arg.startswith("-") or not arg.isprintable():
+        raise ConfigError(f"--sbatch-arg {arg!r}: expected one sbatch option on one line, e.g. "
+                          "--sbatch-arg=--qos=high")
+    return arg
+
+
+def _pattern_path(path: Path) -> str:
+    """A directory as the start of an --output pattern: sbatch expands %x, %j...; '%%' is a literal '%'."""
+    return str(path).replace("%", "%%")
+
+
 def plan(args: argparse.Namespace) -> Submission:
     """Everything `submit` does short of running sbatch; errors before anything is written."""
     config = Path(args.config).resolve()
     cfg = load_config(config, args.overrides)  # ConfigError (exit 2) for a bad config or --set
-    if args.nodes < 1 or args.procs_per_node < 1:
-        raise SlurmError(f"--nodes {args.nodes} --procs-per-node {args.procs_per_node}: both must be >= 1")
     check_world(cfg, args.nodes * args.procs_per_node)
-    if args.time and not TIME_RE.match(args.time):
-        raise SlurmError(f"--time {args.time!r}: use minutes or [days-]hours:minutes:seconds, e.g. 04:00:00")
+    if args.time and not TIME_RE.fullmatch(args.time):
+        raise ConfigError(f"--time {args.time!r}: use minutes or [days-]hours:minutes:seconds, e.g. 04:00:00")
+    job_name = _checked_name("--job-name", args.job_name, NAME_RE, "coe-tiny") if args.job_name else \
+        "coe-" + ("check-" if args.check else "") + re.sub(r"[^A-Za-z0-9_.+-]", "-", config.stem)
+    sbatch_args = [_checked_sbatch_arg(a) for a in args.sbatch_args]
     template = Path(args.template) if args.template else CHECK_TEMPLATE if args.check else TEMPLATE
     if not template.is_file():
         raise SlurmError(f"batch template {template} does not exist: pass --template slurm/train.sbatch from a "
@@ -107,15 +157,17 @@ def plan(args: argparse.Namespace) -> Submission:
     run_dir = Path(cfg.log.run_dir).resolve()
     log = run_dir / "slurm-%j.out"
     directives: dict[str, str | None] = {
-        "job-name": args.job_name or f"coe-{'check-' if args.check else ''}{config.stem}",
+        "job-name": job_name,
         "nodes": str(args.nodes),
-        "output": str(log),
+        "output": f"{_pattern_path(run_dir)}/slurm-%j.out",
         "chdir": str(Path.cwd()),
     }
     if args.tasks == "srun" and not args.check:  # bench.sbatch starts torchrun, one task per node
         directives["ntasks-per-node"] = str(args.procs_per_node)
     if args.partition:
-        directives["partition"] = args.partition
+        directives["partition"] = _checked_name("--partition", args.partition, PARTITIONS_RE, "gpu or gpu,debug")
+    if args.account:
+        directives["account"] = _checked_name("--account", args.account, NAME_RE, "proj42")
     if args.time or args.check:
         directives["time"] = args.time or CHECK_TIME
     if args.gpus_per_node:
@@ -135,7 +187,7 @@ def plan(args: argparse.Namespace) -> Submission:
     script = render(template.read_text(), directives=directives, env=env, args=train_args, source=str(template))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = run_dir / f"slurm-{'check-' if args.check else ''}{stamp}.sbatch"
-    sbatch = ["sbatch", "--parsable", *args.sbatch_args, str(path)]
+    sbatch = ["sbatch", "--parsable", *sbatch_args, str(path)]
     return Submission(script, sbatch, run_dir, log, env)
 
 
@@ -283,10 +335,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override, passed to the trainer (repeatable)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--procs-per-node", type=int, default=1, help="trainer processes per node, e.g. GPUs (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request per node (default: none)")
-    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    p.add_argument("--procs-per-node", type=positive_int, default=1,
+                   help="trainer processes per node, e.g. GPUs (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, help="GPUs to request per node (default: none)")
+    p.add_argument("--partition", help="Slurm partition (or several, comma-separated)")
+    p.add_argument("--account", help="Slurm account to charge")
     p.add_argument("--time", help="time limit, e.g. 04:00:00 (default: the template's)")
     p.add_argument("--container", metavar="IMAGE", help="run in a container: pyxis/enroot image or apptainer .sif")
     p.add_argument("--tasks", choices=("torchrun", "srun"), default="torchrun",
@@ -294,7 +348,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--job-name", help="default coe-<config name>")
     p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
                    help="share nodes with other jobs instead of taking them whole")
-    p.add_argument("--cpus-per-node", type=int, default=0, help="with --no-exclusive: CPUs per node to ask for")
+    p.add_argument("--cpus-per-node", type=positive_int, help="with --no-exclusive: CPUs per node to ask for")
     p.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[], metavar="ARG",
                    help="extra sbatch option, e.g. --sbatch-arg=--account=proj (repeatable)")
     p.add_argument("--template", help="batch script to render (default: slurm/train.sbatch of this checkout)")
@@ -303,7 +357,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "(slurm/bench.sbatch, --time default 00:30:00)")
     p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job to end, printing its log; exit with its code")
-    p.add_argument("--timeout", type=float, help="with --wait: give up waiting after this many seconds")
+    p.add_argument("--timeout", type=positive_float, help="with --wait: give up waiting after this many seconds")
     p.add_argument("--quiet", action="store_true", help="with --wait: do not print the job's log")
     p.set_defaults(func=_submit)
 
@@ -320,9 +374,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m coe_dist.slurm ...` = `coe-dist slurm ...`, with the same exit codes (2 config, 1 runtime)."""
-    from coe_dist.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="coe-dist")
+    parser = OneLineParser(prog="coe-dist")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["slurm", *(sys.argv[1:] if argv is None else argv)])
     try:

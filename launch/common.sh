@@ -35,10 +35,10 @@ parse_args() {
 
 # The job's temporary files go to a directory only this user can enter (mktemp -d: mode 0700), not
 # loose into a shared /tmp: torchrun's log directory (torchelastic_*, which torchrun never removes),
-# Open MPI's session directory, Python's tempfile. The scripts then `exec` the launcher, which keeps
-# this PID, so that every signal meant for the job (Ctrl-C, kill PID, kill -- -PGID, Slurm's) reaches
-# it once and directly; an EXIT trap does not survive exec, so a watcher in the background removes the
-# directory when that PID is gone. It ignores the job's stop signals, which would otherwise leave the
+# Open MPI's session directory, Python's tempfile. torchrun.sh then `exec`s torchrun, which keeps this
+# PID, so that every signal meant for the job (Ctrl-C, kill PID, kill -- -PGID, Slurm's) reaches it once
+# and directly (mpirun.sh stays the parent of mpirun and passes stop signals on as SIGUSR1); an EXIT trap
+# does not survive exec, so a watcher in the background removes the directory when that PID is gone. It ignores the job's stop signals, which would otherwise leave the
 # directory behind.
 private_tmpdir() {
   local job=$$ dir

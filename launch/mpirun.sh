@@ -22,6 +22,8 @@
 # left out (OMPI_MCA_btl=^tcp unless set): mpirun's own daemon still listens on every interface.
 # Temporary files (Open MPI's session directory among them) go to a private directory in $TMPDIR
 # (default /tmp), removed at the end.
+# SIGTERM, SIGINT (Ctrl-C), SIGHUP or SIGUSR1 to this script: every trainer saves a checkpoint and
+# exits; the script exits 128 + the signal.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
@@ -67,4 +69,25 @@ fi
 
 echo "launch/mpirun.sh: ${run[*]} $PYTHON -m coe_dist.train --config $config ${trainer[*]}" >&2
 private_tmpdir
-exec "${run[@]}" "$PYTHON" -m coe_dist.train --config "$config" "${trainer[@]}"
+
+# mpirun ends a job on SIGTERM, SIGINT or SIGHUP by killing its ranks within a second or so: they save
+# nothing. So mpirun runs in a session of its own (a terminal's Ctrl-C reaches this script only) and a
+# stop signal to this script becomes SIGUSR1, which mpirun passes on to every rank (Open MPI and Hydra
+# do by default): the trainers finish the step, save a checkpoint and exit. Then this script exits
+# 128 + the signal it got.
+stopped=0
+# shellcheck disable=SC2329  # the traps below call it
+stop() { stopped=$1; kill -USR1 "$pid" 2>/dev/null || true; }
+trap 'stop 15' TERM
+trap 'stop 2' INT
+trap 'stop 1' HUP
+trap 'stop 10' USR1
+setsid "${run[@]}" "$PYTHON" -m coe_dist.train --config "$config" "${trainer[@]}" &
+pid=$!
+while :; do
+  rc=0
+  wait "$pid" || rc=$?  # not `set -e`'s exit: a trap that interrupts wait makes it return 128 + signal
+  kill -0 "$pid" 2>/dev/null || break  # a trap interrupted wait: mpirun still runs
+done
+[ "$stopped" = 0 ] || exit $((128 + stopped))
+exit "$rc"

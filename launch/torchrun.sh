@@ -54,7 +54,10 @@ done
 [ -z "$node_rank" ] || [[ $node_rank =~ ^[0-9]+$ && $node_rank -lt $nnodes ]] ||
   die "--node-rank=$node_rank: expected 0..$((nnodes - 1))"
 
-run=("$PYTHON" -m torch.distributed.run "--nproc-per-node=$nproc")
+# torchrun's own main, run by coe_dist.local_launch: a signal ends the job with 128 + the signal once the
+# trainers have saved, and a failed trainer with its one-line error (torchrun would print a traceback for
+# the one and a ChildFailedError dump for the other).
+run=("$PYTHON" -m coe_dist.local_launch "--nproc-per-node=$nproc")
 if [ "$nnodes" -eq 1 ] && [ -z "$endpoint" ]; then
   # c10d on 127.0.0.1 with a free port: several single-node jobs can share a machine. The local
   # address becomes the trainers' MASTER_ADDR: their store and gloo then stay on loopback too.

@@ -149,7 +149,7 @@ def test_debug_adds_the_traceback(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["train", "--nproc", "two"], ["--nproc", "invalid int value"]),
+    (["train", "--nproc", "two"], ["--nproc", "'two' is not a whole number"]),
     (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["trian"], ["invalid choice: 'trian'"]),
 ])

@@ -84,7 +84,7 @@ def test_torchrun_script_builds_the_command(tmp_path: Path) -> None:
                 "auto", "--", "--debug"], PYTHON=str(fake))
     assert out.returncode == 0, out.stderr
     args = [line[4:] for line in out.stdout.splitlines() if line.startswith("ARG ")]
-    assert args == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d",
+    assert args == ["-m", "coe_dist.local_launch", "--nproc-per-node=4", "--nnodes=2", "--rdzv-backend=c10d",
                     "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=j7", "--local-addr=10.0.0.2", "-m", "coe_dist.train",
                     "--config", "configs/tiny.yaml", "--set", "train.steps=3", "--resume", "auto", "--debug"]
     assert "SIGUSR1" in out.stdout  # the agent passes Slurm's time-limit warning on to the trainers

@@ -46,7 +46,7 @@ def test_dry_run_renders_resources_and_arguments(tmp_path: Path) -> None:
                  f"#SBATCH --chdir={REPO}"):
         assert line in script.splitlines(), line
     assert script.count("#SBATCH --nodes=") == 1  # replaced, not added twice
-    assert f"#SBATCH --output={REPO / 'runs/with space'}/slurm-%j.out" in script
+    assert f'#SBATCH --output="{REPO / "runs/with space"}/slurm-%j.out"' in script  # one option, quoted
     assert f"set -- {REPO / 'configs/tiny.yaml'} --set" in script
     assert "'log.run_dir=runs/with space'" in script  # quoted for the shell
     assert "# would run: sbatch --parsable" in out.stderr
@@ -95,10 +95,10 @@ def test_rendered_script_runs_its_defaults_without_arguments(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("args, code, needle", [
     (["--procs-per-node", "1"], 2, "moe.ep_size=2 does not divide the world size 1"),
-    (["--procs-per-node", "2", "--time", "tomorrow"], 1, "--time 'tomorrow'"),
+    (["--procs-per-node", "2", "--time", "tomorrow"], 2, "--time 'tomorrow'"),
     (["--procs-per-node", "2", "--set", "train.stepz=3"], 2, "unknown key 'train.stepz'"),
     (["--procs-per-node", "2", "--template", "nope.sbatch"], 1, "batch template nope.sbatch does not exist"),
-    (["--procs-per-node", "0"], 1, "--procs-per-node 0"),
+    (["--procs-per-node", "0"], 2, "argument --procs-per-node: 0 is not allowed"),
 ])
 def test_submit_errors(tmp_path: Path, args: list[str], code: int, needle: str) -> None:
     out = dry_run(tmp_path, *args)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import subprocess
 import sys
 
-from coe_dist.cli_common import parse_and_run, under_launcher
+from coe_dist.argtypes import OneLineParser, nonnegative_int, positive_float, positive_int
+from coe_dist.cli_common import parse_and_run, spawn_torchrun, under_launcher
 
 GRID_OPTIONS = (
     ("iterations", "C: CoE iterations"), ("top_k", "K: experts per token per iteration"),
@@ -41,8 +41,8 @@ def _add_comm(sub) -> None:
     g = p.add_argument_group("grid (override the YAML's values; comma-separated lists)")
     for key, text in GRID_OPTIONS:
         g.add_argument(f"--{key.replace('_', '-')}", dest=f"grid_{key}", metavar="V[,V...]", help=text)
-    p.add_argument("--warmup", type=int, help="untimed rounds first (default: YAML bench.warmup or 2)")
-    p.add_argument("--repeats", type=int, help="timed rounds (default: YAML bench.repeats or 10)")
+    p.add_argument("--warmup", type=nonnegative_int, help="untimed rounds first (default: YAML bench.warmup or 2)")
+    p.add_argument("--repeats", type=positive_int, help="timed rounds (default: YAML bench.repeats or 10)")
     p.add_argument("--out", help="run directory for CSV/JSON/TensorBoard/plots (default runs/bench/comm-DATE)")
     p.add_argument("--report", nargs="?", const="", metavar="PATH",
                    help="also write a markdown report (default <out>/report.md, or PATH, e.g. docs/bench.md)")
@@ -51,11 +51,12 @@ def _add_comm(sub) -> None:
     p.add_argument("--profile-out", metavar="PATH", help="where --calibrate writes the profile "
                                                          "(default <out>/profile.yaml)")
     p.add_argument("--profile-name", help="name stored in the calibrated profile (default <host>-measured)")
-    p.add_argument("--nproc", type=int, default=0, help="start this many local ranks through torchrun")
+    p.add_argument("--nproc", type=positive_int, help="start this many local ranks through torchrun")
     p.add_argument("--backend", default="auto", help="auto (nccl on GPU, gloo on CPU) | nccl | gloo")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, help="torch threads per rank on CPU (default cores / ranks per node)")
-    p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout (s)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads per rank on CPU (default cores / ranks per node)")
+    p.add_argument("--timeout-s", type=positive_float, default=300.0, help="collective timeout (s)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_comm)
 
@@ -74,7 +75,7 @@ def _add_project(sub) -> None:
     p.add_argument("--ep-size", default="max",
                    help="expert-parallel size per GPU count: max (= min(GPUs, N)), node (= GPUs per node) or "
                         "a number (capped at the GPU count)")
-    p.add_argument("--tokens-per-gpu", type=int, help="T per GPU (default micro_batch_size * seq_len)")
+    p.add_argument("--tokens-per-gpu", type=positive_int, help="T per GPU (default micro_batch_size * seq_len)")
     p.add_argument("--out", help="directory for projection.csv/json/png (default runs/bench/project-PROFILE)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.set_defaults(func=_project)
@@ -137,12 +138,10 @@ def comm_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _spawn(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun with --nproc local ranks (c10d rendezvous on a free port)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "coe_dist.bench.cli", *(["--debug"] if getattr(args, "debug", False) else []), "comm",
-           *comm_argv(args)]
-    print("coe-dist: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    """Re-run this command as --nproc local ranks under torchrun's agent (one PID, signals passed on)."""
+    debug = getattr(args, "debug", False)
+    return spawn_torchrun(args.nproc, ["coe_dist.bench.cli", *(["--debug"] if debug else []), "comm",
+                                       *comm_argv(args)], debug=debug)
 
 
 def _project(args: argparse.Namespace) -> int:
@@ -152,7 +151,7 @@ def _project(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coe-dist bench", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="coe-dist bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
     _add_comm(sub)
@@ -162,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m coe_dist.bench.cli comm|project ...` with the top-level CLI's error handling."""
-    parser = build_parser()
-    return parse_and_run(parser, argv)
+    return parse_and_run(build_parser(), argv)
 
 
 if __name__ == "__main__":

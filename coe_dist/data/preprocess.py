@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from coe_dist.argtypes import positive_int
 from coe_dist.data.errors import DataError
 from coe_dist.data.indexed import bin_path, idx_path, quiet_megatron_import, token_dtype
 from coe_dist.data.tokenizer import Tokenizer, load_tokenizer
@@ -292,6 +293,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--fields", default=None, metavar="A,B",
                    help="JSONL/parquet fields joined with a newline per document (default: text)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizing processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="tokenizing processes (default 1)")
     p.set_defaults(func=run_cli)
     return p

@@ -6,7 +6,10 @@ import sys
 
 from coe_dist.cli import main
 
-code = main(["train", *sys.argv[1:]])
+try:
+    code = main(["train", *sys.argv[1:]])
+except SystemExit as e:  # the loop stopped on a signal (exit 128 + signal): leave the same way as below
+    code = e.code if isinstance(e.code, int) else 1
 # Leave without interpreter teardown: destroying gloo process groups created through DeepSpeed's groups
 # aborts the process now and then ("terminate called without an active exception"), which would turn a
 # finished run into a failed one. Everything the run writes is closed or flushed by now.

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from coe_dist.argtypes import positive_int
 from coe_dist.config import RunConfig, config_from_dict
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint
@@ -92,11 +93,11 @@ def register_cli(sub) -> None:
                         help="override the saved config, e.g. --set data.dataset=PREFIX")
     p = sub.add_parser("eval", parents=[common], help="validation loss and perplexity of a checkpoint",
                        description="Validation loss and perplexity of a checkpoint on its held-out set, one process.")
-    p.add_argument("--batches", type=int, default=0, help="held-out batches (default: the run's log.eval_batches)")
+    p.add_argument("--batches", type=positive_int, help="held-out batches (default: the run's log.eval_batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
     g = sub.add_parser("generate", parents=[common], help="greedy continuation of a prompt",
                        description="Greedy decoding from a checkpoint: a sanity look at what it learned.")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.set_defaults(func=_generate)

@@ -7,8 +7,9 @@ Launch (see launch/ and slurm/ for the scripts):
     coe-dist train --config configs/tiny.yaml                       # one process
     coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2
     torchrun --nproc_per_node=2 -m coe_dist.train --config configs/tiny.yaml --set moe.ep_size=2
-SIGTERM or SIGUSR1 (Slurm's warning before a time limit) saves a checkpoint at the end of the current
-step and exits; `--resume auto` continues from the newest complete checkpoint, on any layout.
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (Slurm's warning before a time limit) saves a checkpoint at the end of
+the current step and exits (128 + the signal); `--resume auto` continues from the newest complete checkpoint,
+on any layout.
 
 Reliability (docs/reliability.md): a restarted job (torchrun --max-restarts, Slurm requeue) resumes from the
 newest complete checkpoint by itself; a collective that times out or loses a peer becomes a one-line error
@@ -71,7 +72,8 @@ class Where:
 
 
 class StopSignal:
-    """Remembers a SIGTERM/SIGUSR1; the loop checks it (agreed over ranks) at each step boundary.
+    """Remembers a SIGTERM/SIGINT/SIGUSR1; the loop checks it (agreed over ranks) at each step boundary.
+    Ctrl-C is a request to stop like SIGTERM, not a KeyboardInterrupt in whatever line runs.
 
     Copies of one SIGTERM come moments apart: Slurm signals every process of a job step and torchrun passes
     its own copy on, so a repeat within REPEAT_AFTER_S is the same request. A SIGTERM repeated later ends the
@@ -82,15 +84,15 @@ class StopSignal:
     def __init__(self) -> None:
         self.signum = 0
         self._term_at: float | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGTERM:
+        if signum in (signal.SIGTERM, signal.SIGINT):
             now = time.monotonic()
             if self._term_at is not None and now - self._term_at >= self.REPEAT_AFTER_S:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             self._term_at = self._term_at if self._term_at is not None else now
         self.signum = signum
 
@@ -126,7 +128,7 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
     device = pick_device(cfg.train.device, penv.local_rank)
     backend = pick_backend(cfg.parallel.backend, device.type)
     stop = StopSignal()
-    init_distributed(penv, backend, cfg.parallel.timeout_s)
+    init_distributed(penv, backend, cfg.parallel.timeout_s, config=cfg.to_dict())
     say(penv, f"coe-dist: launcher={penv.source} world={penv.world_size} ep={cfg.moe.ep_size} "
               f"expert-dp={dp_size} backend={backend} device={device} dtype={cfg.train.dtype} "
               f"zero={cfg.parallel.zero_stage}")
