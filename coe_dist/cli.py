@@ -21,30 +21,54 @@ import sys
 import tempfile
 import traceback
 
-from coe_dist.config import ConfigError, check_world, load_config
+from coe_dist.atomic_file import DISK_ERRNOS
+from coe_dist.config import ConfigError, check_world, expand_path, load_config
 from coe_dist.errors import UserError
 
 EXIT_RUNTIME, EXIT_CONFIG = 1, 2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (e.g. configs/tiny.yaml); defaults apply to missing keys")
+    p.add_argument("--config", type=expand_path,
+                   help="YAML run config (e.g. configs/tiny.yaml); defaults apply to missing keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.steps=50 --set moe.ep_size=2 (repeatable)")
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: must be >= 1 (processes to start on this node)")
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1 and "RANK" not in os.environ:
         check_world(cfg, args.nproc)  # fail before starting any process
-        return _spawn_torchrun(args)
+        return _spawn_locked(cfg, args)
     from coe_dist.train import allocator
     from coe_dist.train.loop import train
 
     # Every trainer process, before its model exists: the malloc thresholds only affect later blocks.
     note = allocator.configure()
-    train(cfg, resume=args.resume, startup_notes=[note])
+    train(cfg, resume=args.resume, overwrite=args.overwrite, startup_notes=[note])
     return 0
+
+
+def _spawn_locked(cfg, args: argparse.Namespace) -> int:
+    """The run-directory checks and lock, here before any trainer starts; the lock is held for the job."""
+    from pathlib import Path
+
+    from coe_dist.faults import restart_count
+    from coe_dist.train import rundir
+
+    run_dir = Path(cfg.log.run_dir)
+    rundir.check_run_dir(run_dir)
+    rundir.preflight(cfg, args.resume, args.overwrite, restart_count() > 0)
+    lock = rundir.RunLock(run_dir)
+    lock.acquire(say=print)
+    os.environ[rundir.LOCK_OWNER_VAR] = str(os.getpid())  # rank 0 then knows the lock is held for it
+    try:
+        return _spawn_torchrun(args)
+    finally:
+        os.environ.pop(rundir.LOCK_OWNER_VAR, None)
+        lock.release()
 
 
 def _spawn_torchrun(args: argparse.Namespace) -> int:
@@ -61,6 +85,8 @@ def _spawn_torchrun(args: argparse.Namespace) -> int:
         cmd += ["--set", override]
     if args.resume:
         cmd += ["--resume", args.resume]
+    if args.overwrite:
+        cmd.append("--overwrite")
     if getattr(args, "debug", False):
         cmd.append("--debug")
     print("coe-dist: " + " ".join(cmd[1:]), flush=True)
@@ -96,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "runs this command; --nproc P starts P local processes through torchrun.")
     _add_config_args(train)
     train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
-    train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
-                       "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
+    train.add_argument("--resume", metavar="auto|PATH", type=expand_path,
+                       help="continue from the newest complete checkpoint in <run_dir>/checkpoints (auto) or from "
+                            "a checkpoint directory; any expert-parallel layout")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a log.run_dir that holds an earlier run's checkpoints, deleting them "
+                            "(and its metrics, TensorBoard events and samples); without it such a start is refused")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
@@ -127,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, f"config error: {e}", EXIT_CONFIG)
     except (UserError, FileNotFoundError, PermissionError) as e:
         return _fail(args, f"error: {e}", EXIT_RUNTIME)
+    except OSError as e:  # a full (or read-only) file system under any command: one line, not a traceback
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return _fail(args, f"error: could not write {e.filename or 'a file'}: {e.strerror}: free space or write "
+                           "elsewhere", EXIT_RUNTIME)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
