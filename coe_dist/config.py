@@ -389,6 +389,11 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: must be between 0 and optim.lr={o.lr}")
     _check(all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: each must be in [0, 1)")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    # AdamW's step size lr / (1 - beta1^t) and decay factor lr * weight_decay are float32 in torch: beyond its
+    # range the first step raises "value cannot be converted to type float without overflow".
+    _check(o.lr / (1 - o.betas[0]) <= FLOAT32_MAX and o.lr * o.weight_decay <= FLOAT32_MAX,
+           f"optim.lr={o.lr:g}: AdamW's step size lr / (1 - beta1) or lr * weight_decay overflows float32 "
+           f"({FLOAT32_MAX:.3g}): use a learning rate of at most {FLOAT32_MAX * (1 - o.betas[0]):.3g}")
     _check(0 <= o.warmup_fraction < 1, f"optim.warmup_fraction={o.warmup_fraction}: must be in [0, 1)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = no clipping)")
 
@@ -419,6 +424,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_TIMEOUT_S = 30 * 86400.0  # torch keeps collective timeouts in milliseconds; inf or 1e300 overflow
 
 

@@ -94,9 +94,9 @@ CASES = [
      ["SLURM_LOCALID='x'", "integer"]),
     ("fault-spec-malformed", {}, [], {"COE_DIST_FAULT": "train.step@step5:explode"}, 1,
      ["COE_DIST_FAULT", "unknown action 'explode'"]),
-    # ---- run directory: exit 1
-    ("run-dir-under-a-file", {"afile": "x"}, ["--set", "log.run_dir={tmp}/afile/run"], {}, 1,
-     ["log.run_dir=", "afile/run", "writable directory"]),
+    # ---- run directory under a regular file: exit 2 (more path cases in test_misuse.py)
+    ("run-dir-under-a-file", {"afile": "x"}, ["--set", "log.run_dir={tmp}/afile/run"], {}, 2,
+     ["log.run_dir=", "afile/run", "regular file, not a directory"]),
 ]
 
 
@@ -237,13 +237,13 @@ run("resume-truncated", ["--resume", str(tmp / "cut" / "step_1")])
 WORKER_CASES = {
     "missing-dataset": (1, ["nowhere/corpus", "does not exist"]),
     "garbage-index": (1, ["garbage.idx", "not a megatron-core .idx"]),
-    "empty-dataset": (1, ["empty", "train.seq_len"]),
+    "empty-dataset": (1, ["empty", "does not exist"]),  # preprocess refuses to write 0 documents
     "too-short-dataset": (1, ["short", "train.seq_len"]),
     "tokens-out-of-vocab": (1, ["token id", "model.vocab_size=64", "set model.vocab_size >="]),
     "missing-tokenizer": (1, ["nowhere/tokenizer.json"]),
     "resume-missing": (1, ["nowhere/step_5", "no such checkpoint directory", "--resume auto"]),
     "disk-full-on-save": (1, ["could not write checkpoint step_1", "No space left on device", "free space"]),
-    "resume-other-model": (1, ["shape", "model config differs"]),
+    "resume-other-model": (2, ["another model shape", "model.hidden_size=64 (checkpoint: 128)"]),
     "resume-truncated": (1, ["dense.pt", "checksum mismatch", "--resume auto"]),
 }
 
@@ -278,7 +278,8 @@ def test_bad_data_checkpoints_and_full_disk(name, worker_results):
     code, words = WORKER_CASES[name]
     rec = results[name]
     assert rec["code"] == code, rec
-    assert len(rec["lines"]) == 1 and rec["lines"][0].startswith("coe-dist: error: "), rec
+    kind = "config error" if code == 2 else "error"
+    assert len(rec["lines"]) == 1 and rec["lines"][0].startswith(f"coe-dist: {kind}: "), rec
     for word in words:
         assert word in rec["lines"][0], (word, rec["lines"][0])
     # Nothing a later run would resume from: no checkpoint, complete or partial, no `latest`.

@@ -17,6 +17,7 @@ CLI: coe-dist preprocess --input FILES... --tokenizer TOK --output PREFIX [--fie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -233,7 +234,8 @@ def write_indexed(documents: Iterable[str], tokenizer_spec: str, output_prefix: 
         raise OSError(e.errno, e.strerror or str(e), f"{output_prefix}.bin/.idx") from None
     finally:
         bar.close()
-        builder.data_file.close()  # already closed on success; on failure, close before deleting
+        with contextlib.suppress(OSError):  # a full disk fails the buffered flush again: the error is above
+            builder.data_file.close()  # already closed on success; on failure, close before deleting
         for path in (tmp_prefix + ".bin", tmp_prefix + ".idx"):
             if os.path.exists(path):
                 os.remove(path)

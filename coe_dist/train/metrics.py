@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_thread_errors()
             with _naming(self.tb_path):
                 self.tb = SummaryWriter(log_dir=str(self.tb_path))
 
@@ -74,6 +76,22 @@ class MetricsLogger:
         self.jsonl = self.tb = None
         if errors and raise_errors:
             raise errors[0]
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard's writer thread dies on a failed write with a traceback on stderr, then hands the same
+    error to the next add_* call in the training thread, which reports it as one line: drop the traceback."""
+    previous = threading.excepthook
+    if getattr(previous, "coe_dist_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.coe_dist_quiet = True
+    threading.excepthook = hook
 
 
 @contextlib.contextmanager
