@@ -179,9 +179,11 @@ def test_malformed_nodelists_name_the_variable(nodelist, words):
 # ---------------------------------------------------------------- cases that need torch.distributed
 
 WORKER = r'''
-import contextlib, io, json, os, sys, traceback
+import contextlib, io, json, os, sys
 from pathlib import Path
 from coe_dist.cli import main
+sys.path.insert(0, "tests")
+from trainrun import call_main
 
 tmp, config = Path(sys.argv[1]), sys.argv[2]
 FAST = ["--set", "train.dtype=fp32", "--set", "data.num_documents=200", "--set", "moe.ep_size=1",
@@ -192,18 +194,10 @@ def run(name, argv, env=None, command="train"):
     run_dir = tmp / name
     os.environ.pop("COE_DIST_FAULT", None)
     os.environ.update(env or {})
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main([command, "--config", config, "--set", f"log.run_dir={run_dir}", *FAST, *argv])
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc()
-            code = "raised"
+    code, _out, err = call_main([command, "--config", config, "--set", f"log.run_dir={run_dir}", *FAST, *argv])
     files = sorted(str(p.relative_to(tmp)) for p in run_dir.rglob("*")) if run_dir.exists() else []
-    lines = [l for l in err.getvalue().splitlines() if l.startswith(("coe-dist", "Traceback"))]
-    print(json.dumps({"name": name, "code": code, "lines": lines, "stderr": err.getvalue()[-2000:],
+    lines = [l for l in err.splitlines() if l.startswith(("coe-dist", "Traceback"))]
+    print(json.dumps({"name": name, "code": code, "lines": lines, "stderr": err[-2000:],
                       "files": files}), flush=True)
 
 # data files

@@ -175,9 +175,10 @@ MOUNTS = {  # name -> tmpfs size (None: sized in the worker from the good run's 
     "mnt-metrics": "4k", "mnt-tb": "4k"}
 
 WORKER = r'''
-import contextlib, hashlib, io, json, os, shutil, subprocess, sys, traceback
+import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
-from coe_dist.cli import main
+sys.path.insert(0, "tests")
+from trainrun import call_main
 
 tmp, config, plan = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 FAST = [a for o in plan["fast"] for a in ("--set", o)]
@@ -195,17 +196,9 @@ def run(name, argv, env=None, command="train"):
     full = (["train", "--config", config, "--set", f"log.run_dir={run_dir}", *FAST, *argv] if command == "train"
             else argv)
     before = hashes(tmp / "good" / "checkpoints")
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(full)
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc()
-            code = "raised"
+    code, out, err = call_main(full)
     files = sorted(str(p.relative_to(tmp)) for p in run_dir.rglob("*")) if run_dir.exists() else []
-    print(json.dumps({"name": name, "code": code, "stderr": err.getvalue(), "stdout": out.getvalue()[-3000:],
+    print(json.dumps({"name": name, "code": code, "stderr": err, "stdout": out[-3000:],
                       "files": files, "good_same": before == hashes(tmp / "good" / "checkpoints"),
                       "good_hashes": before}), flush=True)
 

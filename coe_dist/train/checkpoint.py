@@ -9,8 +9,11 @@ ZeRO partitions are gathered with DeepSpeed's `safe_get_full_*` API and scattere
 so a run saved at ep 2 resumes at ep 1 or ep 4, or on another world size, weights and optimizer state alike.
 
 Atomicity: everything is written into `.tmp-step_<N>-<pid>/`, which is renamed to `step_<N>` once complete,
-and only then is `latest` (a one-line file) replaced. A crash mid-write leaves a `.tmp-*` directory that no
-resume ever picks. Files are read with `torch.load(weights_only=True)`; no pickled objects are written.
+and only then is `latest` (a one-line file, via `write_atomic`) replaced. A crash mid-write leaves a `.tmp-*`
+directory that no resume ever picks. A write that fails (a full disk: OSError, or torch's RuntimeError) or a
+tensor that is not finite, on any rank, ends the save on every rank with one CheckpointError; the partial
+copy is removed and `latest` is untouched. Files are read with `torch.load(weights_only=True)`; no pickled
+objects are written. `check_model_shape`: a checkpoint loads only into the model shape it was saved from.
 """
 
 from __future__ import annotations
