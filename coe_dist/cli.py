@@ -16,25 +16,46 @@ User errors print one line; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from coe_dist.argtypes import OneLineParser, positive_int
 from coe_dist.cli_common import add_config_args, parse_and_run, spawn_torchrun
-from coe_dist.config import check_world, load_config
+from coe_dist.config import check_world, expand_path, load_config
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1:
         check_world(cfg, args.nproc)  # fail before starting any process
-        return spawn_torchrun(args.nproc, ["coe_dist.train", *_train_argv(args)], debug=getattr(args, "debug", False))
+        return _spawn_locked(cfg, args)
     from coe_dist.train import allocator
     from coe_dist.train.loop import train
 
     # Every trainer process, before its model exists: the malloc thresholds only affect later blocks.
     note = allocator.configure()
-    train(cfg, resume=args.resume, startup_notes=[note])
+    train(cfg, resume=args.resume, overwrite=args.overwrite, startup_notes=[note])
     return 0
+
+
+def _spawn_locked(cfg, args: argparse.Namespace) -> int:
+    """The run-directory checks and lock, here before any trainer starts; the lock is held for the job."""
+    from pathlib import Path
+
+    from coe_dist.faults import restart_count
+    from coe_dist.train import rundir
+
+    run_dir = Path(cfg.log.run_dir)
+    rundir.check_run_dir(run_dir)
+    rundir.preflight(cfg, args.resume, args.overwrite, restart_count() > 0)
+    lock = rundir.RunLock(run_dir)
+    lock.acquire(say=print)
+    os.environ[rundir.LOCK_OWNER_VAR] = str(os.getpid())  # rank 0 then knows the lock is held for it
+    try:
+        return spawn_torchrun(args.nproc, ["coe_dist.train", *_train_argv(args)], debug=getattr(args, "debug", False))
+    finally:
+        os.environ.pop(rundir.LOCK_OWNER_VAR, None)
+        lock.release()
 
 
 def _train_argv(args: argparse.Namespace) -> list[str]:
@@ -44,6 +65,8 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--set", override]
     if args.resume:
         argv += ["--resume", args.resume]
+    if args.overwrite:
+        argv.append("--overwrite")
     if getattr(args, "debug", False):
         argv.append("--debug")
     return argv
@@ -62,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "runs this command; --nproc P starts P local processes through torchrun.")
     add_config_args(train)
     train.add_argument("--nproc", type=positive_int, default=1, help="processes to start on this node (default 1)")
-    train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
-                       "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
+    train.add_argument("--resume", metavar="auto|PATH", type=expand_path,
+                       help="continue from the newest complete checkpoint in <run_dir>/checkpoints (auto) or from "
+                            "a checkpoint directory; any expert-parallel layout")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a log.run_dir that holds an earlier run's checkpoints, deleting them "
+                            "(and its metrics, TensorBoard events and samples); without it such a start is refused")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)

@@ -16,14 +16,16 @@ import os
 import sys
 import traceback
 
-from coe_dist.config import ConfigError
+from coe_dist.atomic_file import DISK_ERRNOS
+from coe_dist.config import ConfigError, expand_path
 from coe_dist.errors import UserError
 
 EXIT_RUNTIME, EXIT_CONFIG = 1, 2
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (e.g. configs/tiny.yaml); defaults apply to missing keys")
+    p.add_argument("--config", type=expand_path,
+                   help="YAML run config (e.g. configs/tiny.yaml); defaults apply to missing keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set train.steps=50 --set moe.ep_size=2 (repeatable)")
 
@@ -47,6 +49,11 @@ def run_parsed(args: argparse.Namespace) -> int:
         return fail(args, f"config error: {e}", EXIT_CONFIG)
     except (UserError, FileNotFoundError, PermissionError) as e:
         return fail(args, f"error: {e}", EXIT_RUNTIME)
+    except OSError as e:  # a full (or read-only) file system under any command: one line, not a traceback
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return fail(args, f"error: could not write {e.filename or 'a file'}: {e.strerror}: free space or write "
+                          "elsewhere", EXIT_RUNTIME)
 
 
 def parse_and_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,14 +183,68 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}={value!r}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}={value!r}: expected a number") from None
+        # inf/nan pass every range check below and fail later (an inf lr trains into inf weights).
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}={value!r}: must be a finite number")
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}={value!r}: expected a string")
         return str(value)
     raise TypeError(f"unsupported config type {hint} for {where}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping: keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"{where} is not valid YAML: {detail}") from None
+
+
+# Keys holding file-system paths: `~` is expanded in each (the shell does not expand it inside --set a=~/x).
+PATH_KEYS = (("log", "run_dir"), ("data", "dataset"), ("data", "valid_dataset"), ("data", "tokenizer"),
+             ("data", "cache_dir"), ("parallel", "deepspeed_config"), ("train", "init_from"))
+
+
+def expand_path(text: str) -> str:
+    """`~` and `~user` at the start of a path, as the shell would."""
+    return os.path.expanduser(text)
+
+
+def _expand_blend(spec: str) -> str:
+    """data.dataset may be a blend 'W:PREFIX,W:PREFIX': expand each prefix."""
+    items = []
+    for item in spec.split(","):
+        weight, sep, rest = item.partition(":")
+        items.append(f"{weight}:{expand_path(rest.strip())}" if sep and not weight.strip().startswith("~")
+                     else expand_path(item.strip()))
+    return ",".join(items)
+
+
+def _expand_paths(cfg: RunConfig) -> None:
+    for section, key in PATH_KEYS:
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value:
+            setattr(obj, key, _expand_blend(value) if (section, key) == ("data", "dataset") else expand_path(value))
 
 
 def _build_section(name: str, raw: Any, base: Any) -> Any:
@@ -211,7 +268,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: expected section.key=value with one dot, e.g. --set moe.top_k=2")
-    return parts[0], parts[1], yaml.safe_load(value) if value.strip() else None
+    return parts[0], parts[1], _parse_yaml(value, f"--set {text!r}") if value.strip() else None
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
@@ -229,6 +286,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfi
             raise ConfigError(f"unknown section '{name}'.{_did_you_mean(str(name), list(SECTIONS))}")
         sections[name] = _build_section(name, value, getattr(base, name))
     cfg = dataclasses.replace(base, **sections)
+    _expand_paths(cfg)
     validate(cfg)
     return cfg
 
@@ -237,17 +295,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     """Read a YAML config (None = defaults), apply `--set` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = Path(expand_path(str(path)))
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist: "
                               "pass an existing YAML, e.g. configs/tiny.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raw = _parse_yaml(_read_utf8(path, "config file"), f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, overrides)
+
+
+def _read_utf8(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                          "UTF-8") from None
 
 
 # ---------------------------------------------------------------- validation
@@ -312,9 +375,9 @@ def validate(cfg: RunConfig) -> None:
            f"parallel.zero_stage=3 with moe.ep_size={cfg.moe.ep_size}: DeepSpeed does not support "
            "expert parallelism under ZeRO-3; use zero_stage 2 (or ep_size 1)")
     _choice("parallel", p, "backend", ("auto", "nccl", "gloo"))
-    _check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s}: must be > 0")
-    _check(p.deepspeed_config is None or Path(p.deepspeed_config).is_file(),
-           f"parallel.deepspeed_config={p.deepspeed_config!r}: file does not exist")
+    _check(0 < p.timeout_s <= MAX_TIMEOUT_S,
+           f"parallel.timeout_s={p.timeout_s:g}: must be > 0 and at most {MAX_TIMEOUT_S:g} s (30 days)")
+    _check_deepspeed_json(p.deepspeed_config)
 
     d = cfg.data
     _check(d.dataset == "embedded" or bool(d.dataset), "data.dataset is empty: use 'embedded' or a dataset prefix")
@@ -326,6 +389,11 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: must be between 0 and optim.lr={o.lr}")
     _check(all(0 <= b < 1 for b in o.betas), f"optim.betas={list(o.betas)}: each must be in [0, 1)")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    # AdamW's step size lr / (1 - beta1^t) and decay factor lr * weight_decay are float32 in torch: beyond its
+    # range the first step raises "value cannot be converted to type float without overflow".
+    _check(o.lr / (1 - o.betas[0]) <= FLOAT32_MAX and o.lr * o.weight_decay <= FLOAT32_MAX,
+           f"optim.lr={o.lr:g}: AdamW's step size lr / (1 - beta1) or lr * weight_decay overflows float32 "
+           f"({FLOAT32_MAX:.3g}): use a learning rate of at most {FLOAT32_MAX * (1 - o.betas[0]):.3g}")
     _check(0 <= o.warmup_fraction < 1, f"optim.warmup_fraction={o.warmup_fraction}: must be in [0, 1)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 = no clipping)")
 
@@ -333,6 +401,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("train", t, "steps", "micro_batch_size", "grad_accum", "seq_len")
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} > model.max_seq_len={m.max_seq_len}: raise max_seq_len or shorten seq_len")
+    _check(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed}: must be in [0, {MAX_SEED}] (numpy's seed range)")
     _choice("train", t, "dtype", ("bf16", "fp32"))
     _choice("train", t, "device", ("auto", "cpu", "cuda"))
     _choice("train", t, "nan_policy", ("stop", "skip"))
@@ -350,6 +419,39 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < lg.collapse_share <= 1,
            f"log.collapse_share={lg.collapse_share}: must be in (0, 1] (a share of tokens; 1 = never warn)")
     _check(lg.collapse_steps >= 1, f"log.collapse_steps={lg.collapse_steps}: must be >= 1 (logging steps in a row)")
+    for section, key in PATH_KEYS:
+        _check_not_under_a_file(f"{section}.{key}", getattr(getattr(cfg, section), key))
+
+
+MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_TIMEOUT_S = 30 * 86400.0  # torch keeps collective timeouts in milliseconds; inf or 1e300 overflow
+
+
+def _check_deepspeed_json(path: str | None) -> None:
+    """The DeepSpeed override must be a JSON object: DeepSpeed would fail on it only after start-up."""
+    if path is None:
+        return
+    where = f"parallel.deepspeed_config={path!r}"
+    _check(Path(path).is_file(), f"{where}: file does not exist")
+    try:
+        value = json.loads(_read_utf8(Path(path), "parallel.deepspeed_config file"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e}): fix the file or drop the key") from None
+    _check(isinstance(value, dict),
+           f"{where} holds a JSON {type(value).__name__}, not an object: write {{\"key\": value, ...}}")
+
+
+def _check_not_under_a_file(key: str, value: str | None) -> None:
+    """A path below a regular file can never be created: say which component is the file."""
+    if not value:
+        return
+    for part in value.split(",") if key == "data.dataset" else [value]:
+        part = part.partition(":")[2] if key == "data.dataset" and ":" in part else part
+        for parent in Path(part.strip()).parents:
+            if parent.is_file():
+                raise ConfigError(f"{key}={value!r}: {str(parent)!r} is a regular file, not a directory: "
+                                  f"choose a path under a directory (--set {key}=PATH)")
 
 
 def check_world(cfg: RunConfig, world_size: int) -> int:

@@ -94,9 +94,9 @@ CASES = [
      ["SLURM_LOCALID='x'", "integer"]),
     ("fault-spec-malformed", {}, [], {"COE_DIST_FAULT": "train.step@step5:explode"}, 1,
      ["COE_DIST_FAULT", "unknown action 'explode'"]),
-    # ---- run directory: exit 1
-    ("run-dir-under-a-file", {"afile": "x"}, ["--set", "log.run_dir={tmp}/afile/run"], {}, 1,
-     ["log.run_dir=", "afile/run", "writable directory"]),
+    # ---- run directory under a regular file: exit 2 (more path cases in test_misuse.py)
+    ("run-dir-under-a-file", {"afile": "x"}, ["--set", "log.run_dir={tmp}/afile/run"], {}, 2,
+     ["log.run_dir=", "afile/run", "regular file, not a directory"]),
 ]
 
 
@@ -179,9 +179,11 @@ def test_malformed_nodelists_name_the_variable(nodelist, words):
 # ---------------------------------------------------------------- cases that need torch.distributed
 
 WORKER = r'''
-import contextlib, io, json, os, sys, traceback
+import contextlib, io, json, os, sys
 from pathlib import Path
 from coe_dist.cli import main
+sys.path.insert(0, "tests")
+from trainrun import call_main
 
 tmp, config = Path(sys.argv[1]), sys.argv[2]
 FAST = ["--set", "train.dtype=fp32", "--set", "data.num_documents=200", "--set", "moe.ep_size=1",
@@ -192,18 +194,10 @@ def run(name, argv, env=None, command="train"):
     run_dir = tmp / name
     os.environ.pop("COE_DIST_FAULT", None)
     os.environ.update(env or {})
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main([command, "--config", config, "--set", f"log.run_dir={run_dir}", *FAST, *argv])
-        except SystemExit as e:
-            code = e.code
-        except BaseException:
-            traceback.print_exc()
-            code = "raised"
+    code, _out, err = call_main([command, "--config", config, "--set", f"log.run_dir={run_dir}", *FAST, *argv])
     files = sorted(str(p.relative_to(tmp)) for p in run_dir.rglob("*")) if run_dir.exists() else []
-    lines = [l for l in err.getvalue().splitlines() if l.startswith(("coe-dist", "Traceback"))]
-    print(json.dumps({"name": name, "code": code, "lines": lines, "stderr": err.getvalue()[-2000:],
+    lines = [l for l in err.splitlines() if l.startswith(("coe-dist", "Traceback"))]
+    print(json.dumps({"name": name, "code": code, "lines": lines, "stderr": err[-2000:],
                       "files": files}), flush=True)
 
 # data files
@@ -237,13 +231,13 @@ run("resume-truncated", ["--resume", str(tmp / "cut" / "step_1")])
 WORKER_CASES = {
     "missing-dataset": (1, ["nowhere/corpus", "does not exist"]),
     "garbage-index": (1, ["garbage.idx", "not a megatron-core .idx"]),
-    "empty-dataset": (1, ["empty", "train.seq_len"]),
+    "empty-dataset": (1, ["empty", "does not exist"]),  # preprocess refuses to write 0 documents
     "too-short-dataset": (1, ["short", "train.seq_len"]),
     "tokens-out-of-vocab": (1, ["token id", "model.vocab_size=64", "set model.vocab_size >="]),
     "missing-tokenizer": (1, ["nowhere/tokenizer.json"]),
     "resume-missing": (1, ["nowhere/step_5", "no such checkpoint directory", "--resume auto"]),
     "disk-full-on-save": (1, ["could not write checkpoint step_1", "No space left on device", "free space"]),
-    "resume-other-model": (1, ["shape", "model config differs"]),
+    "resume-other-model": (2, ["another model shape", "model.hidden_size=64 (checkpoint: 128)"]),
     "resume-truncated": (1, ["dense.pt", "checksum mismatch", "--resume auto"]),
 }
 
@@ -278,7 +272,8 @@ def test_bad_data_checkpoints_and_full_disk(name, worker_results):
     code, words = WORKER_CASES[name]
     rec = results[name]
     assert rec["code"] == code, rec
-    assert len(rec["lines"]) == 1 and rec["lines"][0].startswith("coe-dist: error: "), rec
+    kind = "config error" if code == 2 else "error"
+    assert len(rec["lines"]) == 1 and rec["lines"][0].startswith(f"coe-dist: {kind}: "), rec
     for word in words:
         assert word in rec["lines"][0], (word, rec["lines"][0])
     # Nothing a later run would resume from: no checkpoint, complete or partial, no `latest`.

@@ -420,7 +420,7 @@ def test_old_checkpoints_go_only_after_a_new_one_is_complete(tmp_path, monkeypat
     checkpoint.save(tmp_path, 1, model, engine, {"optimizer_step": 1}, keep_last=1)
     # A full disk while saving step 2: step 1 stays, complete and `latest`.
     monkeypatch.setenv("COE_DIST_FAULT", "checkpoint.before_rename@step2:raise=ENOSPC")
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
         checkpoint.save(tmp_path, 2, model, engine, {"optimizer_step": 2}, keep_last=1)
     assert checkpoint.newest_verified(tmp_path, warn=lambda m: None)[0] == root / "step_1"
     assert (root / "latest").read_text().strip() == "step_1" and not (root / "step_2").exists()

@@ -40,6 +40,27 @@ def run_train(nproc: int, run_dir: Path, *overrides: str, config: Path = TINY, e
     return proc
 
 
+def call_main(argv: list[str]) -> tuple[object, str, str]:
+    """`coe_dist.cli.main(argv)` in this process (a worker running many cases after one import):
+    (exit code, or "raised" with the traceback on stderr; stdout; stderr)."""
+    import contextlib
+    import io
+    import traceback
+
+    from coe_dist.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = "raised"
+    return code, out.getvalue(), err.getvalue()
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+from coe_dist.atomic_file import write_atomic
 from coe_dist.data.corpus import CORPUS_VERSION, generate_corpus
 from coe_dist.data.errors import DataError
 from coe_dist.data.indexed import idx_path, inspect_indexed
@@ -65,8 +67,7 @@ def ensure_embedded(cache_dir: str, num_documents: int, seed: int, tokenizer_spe
                                     total=num_documents, progress=False)
             meta = {"corpus_version": CORPUS_VERSION, "num_documents": num_documents, "seed": seed,
                     "tokenizer": dict(tokenizer.unique_identifiers), **summary}
-            with open(os.path.join(directory, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=2)
+            write_atomic(Path(directory) / "meta.json", json.dumps(meta, indent=2))
     return prefix
 
 

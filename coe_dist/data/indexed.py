@@ -105,7 +105,21 @@ def inspect_indexed(prefix: str) -> IndexedInfo:
         raise DataError(f"data file {bin_path(prefix)!r} {problem}: {actual} bytes, the index "
                         f"{idx_path(prefix)!r} describes {expected} ({num_tokens} tokens of "
                         f"{np.dtype(dtype).name}): {_rerun_hint(prefix)}")
+    _check_pointers(prefix, index, num_seq, lengths, np.dtype(dtype).itemsize, actual)
     return IndexedInfo(prefix, dtype, num_seq, num_doc - 1, num_tokens)
+
+
+def _check_pointers(prefix: str, index: np.ndarray, num_seq: int, lengths: np.ndarray, itemsize: int,
+                    bin_bytes: int) -> None:
+    """Every sequence [pointer, pointer + length) lies inside the .bin (megatron would read past it mid-run)."""
+    pointers = np.frombuffer(index, dtype=np.int64, count=num_seq, offset=HEADER_BYTES + 4 * num_seq)
+    ends = pointers + lengths.astype(np.int64) * itemsize
+    bad = np.flatnonzero((lengths < 0) | (pointers < 0) | (ends > bin_bytes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"index file {idx_path(prefix)!r}: sequence {i} (of {num_seq}, {bad.size} bad) points at "
+                        f"bytes {int(pointers[i])}..{int(ends[i])} but {bin_path(prefix)!r} has {bin_bytes}: "
+                        f"{_rerun_hint(prefix)}")
 
 
 def max_token_id(info: IndexedInfo) -> int:

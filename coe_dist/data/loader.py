@@ -33,6 +33,7 @@ import functools
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from coe_dist.atomic_file import DISK_ERRNOS
 from coe_dist.config import RunConfig
 from coe_dist.data.embedded import file_lock, prepare_embedded
 from coe_dist.data.errors import DataError
@@ -296,7 +298,28 @@ def build_data(cfg: RunConfig, *, dp_rank: int, dp_size: int,
     barrier: optional collective over all ranks; with it rank 0 prepares the embedded corpus before the
     others look. Not needed for safety (a file lock is), only to keep ranks from queueing on the lock.
     With torch.distributed initialised every rank must call this (megatron-core barriers inside).
+    A data cache that the file system refuses to take (full disk) is a one-line DataError; megatron's index
+    files written by this attempt are removed (it writes them in place and would read them cut short).
     """
+    started = time.time()
+    try:
+        return _build_data(cfg, dp_rank=dp_rank, dp_size=dp_size, barrier=barrier)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        _remove_index_files_since(os.path.join(cfg.data.cache_dir, "megatron-indices"), started)
+        raise DataError(f"could not write the data cache {e.filename or ''} (data.cache_dir="
+                        f"{cfg.data.cache_dir!r}): {e.strerror}: free space there or set data.cache_dir to a "
+                        "directory with room") from None
+
+
+def _remove_index_files_since(directory: str, started: float) -> None:
+    for entry in os.scandir(directory) if os.path.isdir(directory) else ():
+        if entry.is_file() and entry.stat().st_mtime >= started - 1:
+            os.remove(entry.path)
+
+
+def _build_data(cfg: RunConfig, *, dp_rank: int, dp_size: int, barrier: Callable[[], None] | None) -> DataBundle:
     if not 0 <= dp_rank < dp_size:
         raise DataError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
     tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -17,6 +17,7 @@ CLI: coe-dist preprocess --input FILES... --tokenizer TOK --output PREFIX [--fie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -30,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coe_dist.argtypes import positive_int
+from coe_dist.config import expand_path
 from coe_dist.data.errors import DataError
 from coe_dist.data.indexed import bin_path, idx_path, quiet_megatron_import, token_dtype
 from coe_dist.data.tokenizer import Tokenizer, load_tokenizer
@@ -223,11 +225,18 @@ def write_indexed(documents: Iterable[str], tokenizer_spec: str, output_prefix: 
                 tokens_written += len(ids)
             documents_written += len(encoded)
             bar.update(len(encoded))
+        if documents_written == 0:  # a dataset of no documents would only fail at training time
+            raise DataError(f"no documents to write to {output_prefix}.bin/.idx: the input holds no non-empty "
+                            f"text ({stats['skipped_empty']} empty skipped); nothing was written: check --input "
+                            "and --fields")
         builder.finalize(tmp_prefix + ".idx")
         _publish(tmp_prefix, output_prefix)
+    except OSError as e:  # a full disk: name the output, not the temporary file (or nothing, from write())
+        raise OSError(e.errno, e.strerror or str(e), f"{output_prefix}.bin/.idx") from None
     finally:
         bar.close()
-        builder.data_file.close()  # already closed on success; on failure, close before deleting
+        with contextlib.suppress(OSError):  # a full disk fails the buffered flush again: the error is above
+            builder.data_file.close()  # already closed on success; on failure, close before deleting
         for path in (tmp_prefix + ".bin", tmp_prefix + ".idx"):
             if os.path.exists(path):
                 os.remove(path)
@@ -286,11 +295,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p = subparsers.add_parser(
         "preprocess", help="tokenize text files into a megatron indexed dataset (.bin/.idx)",
         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", type=expand_path,
                    help="input files: .txt, .jsonl or .parquet")
     p.add_argument("--tokenizer", default="byte", metavar="TOK",
                    help="'byte' (default) or the path of a HF tokenizer.json")
-    p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--output", required=True, metavar="PREFIX", type=expand_path,
+                   help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--fields", default=None, metavar="A,B",
                    help="JSONL/parquet fields joined with a newline per document (default: text)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="tokenizing processes (default 1)")

@@ -9,8 +9,11 @@ ZeRO partitions are gathered with DeepSpeed's `safe_get_full_*` API and scattere
 so a run saved at ep 2 resumes at ep 1 or ep 4, or on another world size, weights and optimizer state alike.
 
 Atomicity: everything is written into `.tmp-step_<N>-<pid>/`, which is renamed to `step_<N>` once complete,
-and only then is `latest` (a one-line file) replaced. A crash mid-write leaves a `.tmp-*` directory that no
-resume ever picks. Files are read with `torch.load(weights_only=True)`; no pickled objects are written.
+and only then is `latest` (a one-line file, via `write_atomic`) replaced. A crash mid-write leaves a `.tmp-*`
+directory that no resume ever picks. A write that fails (a full disk: OSError, or torch's RuntimeError) or a
+tensor that is not finite, on any rank, ends the save on every rank with one CheckpointError; the partial
+copy is removed and `latest` is untouched. Files are read with `torch.load(weights_only=True)`; no pickled
+objects are written. `check_model_shape`: a checkpoint loads only into the model shape it was saved from.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from coe_dist.atomic_file import fsync_dir, write_atomic
+from coe_dist.config import ConfigError, RunConfig
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
 from coe_dist.model import CoETransformer
@@ -113,14 +118,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with path.open("wb") as f:
         torch.save(tensors, f)
@@ -131,12 +128,21 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 # ------------------------------------------------------------------ save
 
 def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    All ranks agree on the outcome: when any rank cannot write its file (a full disk: OSError, or the
+    RuntimeError torch's serializer raises instead), or holds non-finite values, or rank 0 cannot finish,
+    the partial copy is removed, `latest` and the older checkpoints stay as they were, and every rank
+    raises the same CheckpointError."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step_{step}-{_shared_token(rank)}"
+    problem = None
     if rank == 0:
-        tmp.mkdir(parents=True, exist_ok=False)
+        try:
+            tmp.mkdir(parents=True, exist_ok=False)
+        except OSError as e:
+            problem = _write_failure(e, tmp, step)
     _barrier()
 
     dense: dict[str, torch.Tensor] = {}
@@ -155,32 +161,84 @@ def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[st
             for key, t in full.items():
                 experts[f"{key}/{_expert_key(layer, pname, layer.first_expert + e)}"] = t[e].clone()
 
-    files: list[str] = []
     ep_size = model.coe_layers()[0].config.ep_size if model.coe_layers() else 1
-    if rank == 0:
-        _save_tensors(dense, tmp / "dense.pt")
-        files.append("dense.pt")
+    mine = {"dense.pt": dense} if rank == 0 else {}
     if rank < ep_size and experts:  # the first expert-data-parallel replica holds every expert once
-        name = f"experts-{rank}.pt"
-        _save_tensors(experts, tmp / name)
-        files.append(name)
-    hashes = {f: _sha256(tmp / f) for f in files}
-    all_hashes = _gather_dicts(hashes)
+        mine[f"experts-{rank}.pt"] = experts
+    hashes: dict[str, str] = {}
+    if problem is None:
+        problem = _non_finite(mine, step)
+    if problem is None:
+        try:
+            for name, tensors in mine.items():
+                _save_tensors(tensors, tmp / name)
+                hashes[name] = _sha256(tmp / name)
+        except (OSError, RuntimeError) as e:
+            problem = _write_failure(e, tmp, step)
+    all_hashes, problems = _gather_outcomes(hashes, problem)
 
     final = root / f"step_{step}"
-    if rank == 0:
+    if rank == 0 and not problems:
         meta = {"step": step, "format": 1, "files": all_hashes, "time": time.time(), "world_size": world,
                 "ep_size": ep_size, **extra}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _fsync_dir(tmp)
-        fault_point("checkpoint.before_rename", step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(root, final.name)
+        try:
+            _publish(tmp, final, meta, step)
+        except OSError as e:
+            problems = [_write_failure(e, tmp, step)]
+    problems = _broadcast(problems)
+    if problems:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(problems[0])
+    if rank == 0:
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _publish(tmp: Path, final: Path, meta: dict[str, Any], step: int) -> None:
+    """meta.json, then the rename, then `latest`; a failure after the rename takes the new directory back."""
+    write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+    fsync_dir(tmp)
+    fault_point("checkpoint.before_rename", step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    try:
+        write_atomic(final.parent / "latest", final.name + "\n")
+    except OSError:
+        os.replace(final, tmp)  # removed by the caller: `latest` still names the previous checkpoint
+        raise
+
+
+def _write_failure(e: BaseException, where: Path, step: int) -> str:
+    """One line for a failed write. torch's serializer raises RuntimeError('... file write failed') without
+    an errno: a (nearly) full file system is then named as what it almost always is."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+        filename = f" ({e.filename})" if e.filename else ""
+    else:
+        reason = " ".join(str(e).split())[:200]
+        filename = ""
+        try:
+            if shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20:
+                reason = f"No space left on device (torch: {reason})"
+        except OSError:
+            pass
+    return (f"could not write checkpoint step_{step} in {where.parent}: {reason}{filename}; removed the partial "
+            f"copy, `latest` and the previous checkpoints are intact: free space (or point log.run_dir elsewhere) "
+            "and resume with --resume auto")
+
+
+def _non_finite(files: dict[str, dict[str, torch.Tensor]], step: int) -> str | None:
+    """A checkpoint with nan/inf weights or moments would be a 'good' state that cannot train: refuse it."""
+    for tensors in files.values():
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return (f"refused to save checkpoint step_{step}: {key} holds non-finite values (the weights "
+                        "diverged); `latest` and the previous checkpoints are intact: lower optim.lr (or fix the "
+                        "data) and resume from the last good checkpoint with --resume auto")
+    return None
 
 
 def _shared_token(rank: int) -> str:
@@ -191,15 +249,24 @@ def _shared_token(rank: int) -> str:
     return token[0]
 
 
-def _gather_dicts(d: dict[str, str]) -> dict[str, str]:
-    if not dist.is_initialized():
-        return dict(d)
-    out: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, d)
+def _gather_outcomes(hashes: dict[str, str], problem: str | None) -> tuple[dict[str, str], list[str]]:
+    """Every rank's file hashes merged, and every rank's problem (None when it wrote its files)."""
+    parts: list[Any] = [(hashes, problem)]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (hashes, problem))
     merged: dict[str, str] = {}
-    for part in out:
-        merged.update(part or {})
-    return merged
+    for part_hashes, _ in parts:
+        merged.update(part_hashes)
+    return merged, [p for _, p in parts if p]
+
+
+def _broadcast(problems: list[str]) -> list[str]:
+    """Rank 0's verdict for all ranks."""
+    box = [problems]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:
@@ -207,22 +274,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".latest-{os.getpid()}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "latest")
-
-
 def _prune(root: Path, keep_last: int) -> None:
     """Delete the oldest complete checkpoints beyond keep_last (the new one is already complete)."""
-    steps = sorted(_complete_steps(root))
+    steps = sorted(complete_steps(root))
     for step in steps[:-keep_last]:
         shutil.rmtree(root / f"step_{step}", ignore_errors=True)
 
 
 # ------------------------------------------------------------------ find and verify
 
-def _complete_steps(root: Path) -> list[int]:
+def complete_steps(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     return [int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
@@ -255,7 +316,7 @@ def newest_verified(run_dir: Path, warn=print) -> tuple[Path | None, dict[str, A
     for tmp in sorted(root.glob(".tmp-step_*")):
         warn(f"coe-dist: skipping incomplete checkpoint {tmp} (interrupted while being written)")
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    candidates = sorted(_complete_steps(root), reverse=True)
+    candidates = sorted(complete_steps(root), reverse=True)
     for step in candidates:
         path = root / f"step_{step}"
         try:
@@ -267,6 +328,28 @@ def newest_verified(run_dir: Path, warn=print) -> tuple[Path | None, dict[str, A
             warn(f"coe-dist: 'latest' names {latest} but the newest good checkpoint is {path.name}; using it")
         return path, meta
     return None, None
+
+
+# ------------------------------------------------------------------ the model a checkpoint belongs to
+
+# Keys that decide which parameters exist and how they are shaped or split into heads; a checkpoint loads
+# only into the same values (no conversion between them exists).
+SHAPE_KEYS = {"model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "first_k_dense"),
+              "moe": ("num_experts", "iterations", "num_shared_experts", "expert_hidden_size", "independent_gating")}
+
+
+def check_model_shape(cfg: RunConfig, meta: dict[str, Any], path: Path) -> None:
+    """ConfigError naming every shape key whose value differs from the checkpoint's, with both values."""
+    saved = meta.get("config") or {}
+    differ = []
+    for section, keys in SHAPE_KEYS.items():
+        for key in keys:
+            was, now = saved.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+            if was is not None and was != now:
+                differ.append(f"{section}.{key}={now} (checkpoint: {was})")
+    if differ:
+        raise ConfigError(f"{path} was saved from another model shape: {', '.join(differ)}: resume with the "
+                          "checkpoint's values, or start a new run in another log.run_dir")
 
 
 # ------------------------------------------------------------------ load

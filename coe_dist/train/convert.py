@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from coe_dist.config import ConfigError, MoEConfig
+from coe_dist.config import ConfigError, MoEConfig, expand_path
 from coe_dist.model import CoETransformer
 
 PREFIX = "model.layers.{layer}.mlp."
@@ -83,6 +83,6 @@ def register_cli(sub) -> None:
                                    "--set train.init_from=DIR.")
     conv = p.add_subparsers(dest="convert_command", metavar="ACTION", required=True)
     e = conv.add_parser("export", help="checkpoint -> reference layout")
-    e.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir")
-    e.add_argument("--output", required=True, help="directory for model.safetensors and config.json")
+    e.add_argument("--checkpoint", required=True, type=expand_path, help="checkpoint dir or run dir")
+    e.add_argument("--output", required=True, type=expand_path, help="directory for model.safetensors and config.json")
     e.set_defaults(func=_export)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from coe_dist.argtypes import positive_int
-from coe_dist.config import RunConfig, config_from_dict
+from coe_dist.config import ConfigError, RunConfig, config_from_dict, expand_path
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint
 
@@ -49,6 +49,8 @@ def _eval(args: argparse.Namespace) -> int:
     from coe_dist.data.loader import build_data
     from coe_dist.train.loop import evaluate
 
+    if args.batches < 0:
+        raise ConfigError(f"--batches {args.batches}: must be >= 0 (0 = the run's log.eval_batches)")
     cfg, model, ckpt = load_model(args.checkpoint, args.overrides)
     data = build_data(cfg, dp_rank=0, dp_size=1)
     batches = data.valid_batches(args.batches or cfg.log.eval_batches or 4)
@@ -77,9 +79,15 @@ def greedy(model: CoETransformer, ids: list[int], max_new_tokens: int, eod: int 
 def _generate(args: argparse.Namespace) -> int:
     from coe_dist.data.tokenizer import load_tokenizer
 
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not args.prompt:
+        raise ConfigError("--prompt '': empty; give the text to continue, e.g. --prompt \"Tom has 3 apples\"")
     cfg, model, ckpt = load_model(args.checkpoint, args.overrides)
     tok = load_tokenizer(cfg.data.tokenizer)
     ids = tok.encode(args.prompt)
+    if not ids:
+        raise ConfigError(f"--prompt {args.prompt!r} encodes to no tokens with {cfg.data.tokenizer}: give some text")
     new = greedy(model, ids, args.max_new_tokens, tok.eod)
     print(args.prompt + tok.decode(new))
     return 0
@@ -87,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def register_cli(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", required=True,
+    common.add_argument("--checkpoint", required=True, type=expand_path,
                         help="checkpoint dir (…/checkpoints/step_N) or run dir (uses its newest good checkpoint)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override the saved config, e.g. --set data.dataset=PREFIX")

@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -35,13 +34,14 @@ import torch
 import torch.distributed as dist
 
 from coe_dist import faults
-from coe_dist.config import RunConfig, check_world
+from coe_dist.atomic_file import DISK_ERRNOS, write_atomic
+from coe_dist.config import ConfigError, RunConfig, check_world
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
 from coe_dist.kernels import kernel_report
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
-from coe_dist.train import checkpoint, guards
+from coe_dist.train import checkpoint, guards, memory, rundir
 from coe_dist.train.metrics import MetricsLogger
 from coe_dist.train.moe_metrics import CommDelta, comm_totals, routing_metrics, start_recording
 from coe_dist.train.run_info import write_run_info
@@ -57,10 +57,6 @@ class TrainResult:
     start_step: int = 0
     stopped_by_signal: int = 0
     skipped_steps: list[int] = field(default_factory=list)  # steps whose update was left out (nan_policy=skip)
-
-
-class RunDirError(UserError, OSError):
-    """log.run_dir cannot be created or written."""
 
 
 @dataclass
@@ -100,7 +96,8 @@ class StopSignal:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
+            raise ConfigError("train.device=cuda but no CUDA device is visible to this process: use "
+                              "train.device=cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -117,15 +114,31 @@ def autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None = None,
+def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None = None, overwrite: bool = False,
           startup_notes: Sequence[str] = ()) -> TrainResult:
-    """Train (or resume) one run in this process; `startup_notes`: what the caller set up, for rank 0's log."""
+    """Train (or resume) one run in this process; `startup_notes`: what the caller set up, for rank 0's log;
+    `overwrite`: start afresh in a run dir that holds an earlier run's checkpoints, deleting them."""
     penv = penv or discover()
     dp_size = check_world(cfg, penv.world_size)  # before any collective
     faults.check_spec()
     run_dir = Path(cfg.log.run_dir)
-    check_run_dir(run_dir)
+    rundir.check_run_dir(run_dir)
+    restarted = faults.restart_count() > 0
+    rundir.preflight(cfg, resume, overwrite, restarted)
     device = pick_device(cfg.train.device, penv.local_rank)
+    memory.check_fits(cfg, penv, device)
+    lock = rundir.RunLock(run_dir)
+    if penv.rank == 0:  # before the process group: a second run on this directory stops here
+        lock.acquire(say=lambda m: say(penv, m))
+    try:
+        if overwrite and not restarted and penv.rank == 0:
+            rundir.clear_outputs(run_dir, say=lambda m: say(penv, m))
+        return _train_locked(cfg, penv, resume, startup_notes, dp_size, run_dir, device)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, penv, resume, startup_notes, dp_size, run_dir, device) -> TrainResult:
     backend = pick_backend(cfg.parallel.backend, device.type)
     stop = StopSignal()
     init_distributed(penv, backend, cfg.parallel.timeout_s, config=cfg.to_dict())
@@ -155,7 +168,7 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
         guards.set_group_timeouts(cfg.parallel.timeout_s)
         guard = guards.NonFiniteGuard(cfg.train.nan_policy, cfg.train.max_consecutive_nan)
         where.phase = "resume (checkpoint load)"
-        start_step = _maybe_resume(resume, run_dir, model, engine, data, penv, guard)
+        start_step = _maybe_resume(resume, run_dir, model, engine, data, penv, guard, cfg)
         logger = MetricsLogger(run_dir, enabled=penv.rank == 0, tensorboard=cfg.log.tensorboard)
         if penv.rank == 0:
             write_run_info(run_dir, cfg, penv, backend, model)
@@ -164,29 +177,33 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
         say(penv, f"coe-dist: {params['total_local']:,} parameters on rank 0 ({params['expert_local']:,} in its "
                   f"experts); steps {start_step + 1}..{cfg.train.steps} of {global_batch} x {cfg.train.seq_len} "
                   "tokens")
-        return _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard, heartbeat, where)
+        result = _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard, heartbeat, where)
+        logger, closing = None, logger
+        closing.close()  # TensorBoard's writer thread may report a failed write only now
+        return result
     except Exception as e:
         err = guards.collective_failure(e, where.phase, where.step, penv.rank, cfg.parallel.timeout_s, heartbeat)
         if err is None:
-            raise
+            err = _disk_failure(e, run_dir)
+            if err is None:
+                raise
+            raise err from None
         guards.exit_without_teardown(1)
         raise err from e
     finally:
         faults.set_step(None)
         if logger is not None:
-            logger.close()
+            logger.close(raise_errors=False)  # after a failure, that failure is the one to report
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Fail before any process group or data work when the run directory cannot be written."""
-    probe = run_dir / f".write-test-{os.getpid()}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirError(f"log.run_dir={str(run_dir)!r} cannot be written ({e.strerror or e}): choose a writable "
-                          "directory with --set log.run_dir=PATH") from None
+def _disk_failure(e: BaseException, run_dir: Path) -> rundir.RunDirError | None:
+    """One line for a write that the file system refused (full, quota, read-only) anywhere in the run dir:
+    metrics, TensorBoard events, samples, config.yaml, run_info.json. None for any other exception."""
+    if isinstance(e, UserError) or not isinstance(e, OSError) or e.errno not in DISK_ERRNOS:
+        return None
+    what = e.filename or f"into log.run_dir={str(run_dir)!r}"
+    return rundir.RunDirError(f"could not write {what}: {e.strerror}: free space (or point log.run_dir "
+                              "elsewhere) and resume with --resume auto; the saved checkpoints are intact")
 
 
 def _warn_shared_store(penv: ProcessEnv) -> None:
@@ -207,7 +224,7 @@ def _restarted(penv: ProcessEnv) -> int:
     return n
 
 
-def _maybe_resume(resume, run_dir, model, engine, data, penv, guard) -> int:
+def _maybe_resume(resume, run_dir, model, engine, data, penv, guard, cfg: RunConfig | None = None) -> int:
     restarted = _restarted(penv)
     path = verified = None  # verified: the meta of the checkpoint newest_verified has just hashed
     if restarted:  # a restart always continues where the job got to, whatever --resume said
@@ -230,6 +247,9 @@ def _maybe_resume(resume, run_dir, model, engine, data, penv, guard) -> int:
         raise checkpoint.CheckpointError(f"--resume {path}: no such checkpoint directory: give a "
                                          "<run_dir>/checkpoints/step_N directory, or --resume auto")
     try:
+        verified = verified or checkpoint.verify(path)
+        if cfg is not None:  # preflight read this meta.json before start-up; a restart or a race may differ
+            rundir.check_against_checkpoint(cfg, verified, path)
         meta = checkpoint.load(path, model, engine, verified)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{e}: resume from another checkpoint, or with --resume auto (which "
@@ -263,17 +283,7 @@ def _save(cfg, run_dir, step, model, engine, data, penv, guard, skipped=None, **
     extra = {"optimizer_step": step - skipped, "skipped_steps": skipped, "data": data.train.state_dict(),
              "config": cfg.to_dict(), **more}
     extra["config"]["optim"]["betas"] = list(extra["config"]["optim"]["betas"])
-    try:
-        path = checkpoint.save(run_dir, step, model, engine, extra, cfg.log.keep_last)
-    except OSError as e:  # disk full, quota, I/O error: leave nothing that looks like a checkpoint
-        root = run_dir / "checkpoints"
-        for tmp in root.glob(f".tmp-step_{step}-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise checkpoint.CheckpointError(
-            f"could not write checkpoint step_{step} in {root}: {e.strerror or e}"
-            f"{' (' + str(e.filename) + ')' if e.filename else ''}; removed the partial copy, the previous "
-            "checkpoints are intact: free space (or point log.run_dir elsewhere) and resume with --resume auto"
-        ) from None
+    path = checkpoint.save(run_dir, step, model, engine, extra, cfg.log.keep_last)
     say(penv, f"coe-dist: saved checkpoint {path}")
     return path
 
@@ -423,12 +433,16 @@ def _stop_on_numerics(cfg, run_dir, step, what, model, engine, data, data_state,
     else:
         path = _save(cfg, run_dir, good, model, engine, data, penv, guard, skipped=skipped,
                      stopped={"step": step, "reason": reason})
+    unrecorded = ""
     if penv.rank == 0:
-        (run_dir / STOPPED).write_text(json.dumps({"step": step, "reason": reason, "checkpoint": str(path)}))
+        try:
+            write_atomic(run_dir / STOPPED, json.dumps({"step": step, "reason": reason, "checkpoint": str(path)}))
+        except OSError as e:  # the stop itself is what to report; say that restarts will not know of it
+            unrecorded = f" (not recorded in {run_dir / STOPPED}: {e.strerror}; free space before any restart)"
     fix = ("lower optim.lr, check the data of this step, or set train.nan_policy=skip"
            if cfg.train.nan_policy == "stop" else "lower optim.lr or check the data")
     raise guards.NumericsError(f"stopped at step {step}: {reason}; the last good state (after step {good}) is in "
-                        f"{path}: {fix}, then resume with --resume auto")
+                               f"{path}{unrecorded}: {fix}, then resume with --resume auto")
 
 
 class SampleLog:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from coe_dist.atomic_file import write_atomic
 from coe_dist.config import RunConfig
 from coe_dist.launcher import ProcessEnv
 
@@ -31,8 +32,8 @@ def write_run_info(run_dir: Path, cfg: RunConfig, penv: ProcessEnv, backend: str
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.to_dict()
     resolved["optim"]["betas"] = list(resolved["optim"]["betas"])
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     layout = {"world_size": penv.world_size, "ep_size": cfg.moe.ep_size,
               "expert_data_parallel": penv.world_size // cfg.moe.ep_size, "launcher": penv.source,
               "master_addr": penv.master_addr, "backend": backend, "parameters_rank0": model.num_params()}
-    (run_dir / "run_info.json").write_text(json.dumps({"versions": versions(), "layout": layout}, indent=2))
+    write_atomic(run_dir / "run_info.json", json.dumps({"versions": versions(), "layout": layout}, indent=2))
