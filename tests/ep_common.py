@@ -52,6 +52,20 @@ def force_routing(layer: CoELayer, tables: list[torch.Tensor]) -> None:
         router.forward = types.MethodType(forward, router)
 
 
+def record_router_calls(layer: CoELayer) -> list[dict]:
+    """From now on, every router call of `layer` appends {iteration, h, bias, experts, weights} (detached
+    copies; bias None without balancing) to the returned list."""
+    calls: list[dict] = []
+    for t, router in enumerate(layer.routers):
+        def hook(module, args, out, t=t):
+            bias = module.expert_bias
+            calls.append({"router": t, "h": args[0].detach().clone(),
+                          "bias": None if bias is None else bias.detach().clone(),
+                          "experts": out.experts_TK.clone(), "weights": out.weights_TK.detach().clone()})
+        router.register_forward_hook(hook)
+    return calls
+
+
 def grads_by_name(layer: CoELayer) -> dict[str, torch.Tensor]:
     """Parameter gradients under the reference (`hf_state_dict`) names; a missing grad counts as zero."""
     def grad(p: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The router's options against an independent float64 implementation (tests/routing_reference.py):
 gate rules (reference, renorm_then_scale, sigmoid), the expert bias of aux-loss-free balancing (choice only,
-never the gates; its update), device-limited routing (best M of G groups), their config checks, and the
-biases surviving a checkpoint resume."""
+never the gates; its update), device-limited routing (best M of G groups) and their config checks. The biases' checkpoint round trip is
+in tests/test_checkpoint.py (its runs have moe.expert_bias_rate on)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ import torch
 
 from coe_dist.config import ConfigError, MoEConfig, config_from_dict
 from coe_dist.model.coe import CoELayer
-from coe_dist.train import checkpoint
-
 from routing_reference import RouterSpec, bias_step, route
-from trainrun import run_train
 
 F64 = torch.float64
 N, D, T = 8, 16, 40
@@ -168,26 +165,3 @@ def test_group_topk_must_reach_k():
     with pytest.raises(ConfigError, match=r"moe.routing_group_topk=1: its 1 groups of 2 experts hold fewer than "
                                           r"moe.top_k=4; use moe.routing_group_topk >= 2"):
         config_from_dict({}, ["moe.num_experts=8", "moe.top_k=4", "moe.routing_groups=4"])
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def test_expert_biases_survive_resume(tmp_path):
-    """4 steps straight against 2 + resume + 2 (one process): the same biases at step 4, bitwise; they moved."""
-    fast = ("train.dtype=fp32", "data.num_documents=200", "train.steps=4", "log.eval_batches=0",
-            "moe.ep_size=1", "moe.expert_bias_rate=0.01", "moe.aux_loss_coef=0")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_train(1, straight, *fast, "log.save_interval=2")
-    run_train(1, resumed, *fast, extra=("--resume", str(straight / "checkpoints" / "step_2")))
-
-    def biases(run_dir, step):
-        dense = torch.load(run_dir / "checkpoints" / f"step_{step}" / "dense.pt", weights_only=True)
-        return {k: v for k, v in dense.items() if k.endswith("expert_bias")}
-
-    at2, at4, again4 = biases(straight, 2), biases(straight, 4), biases(resumed, 4)
-    assert at4 and sorted(at4) == sorted(again4)
-    assert all(torch.equal(at4[k], again4[k]) for k in at4)
-    for k, b in at2.items():  # two steps of +-0.01 or 0 each
-        assert set((b / 0.01).round().tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0} and b.abs().sum() > 0, k
-    assert any(not torch.equal(at2[k], at4[k]) for k in at2)
-    assert checkpoint.verify(resumed / "checkpoints" / "step_4")["step"] == 4
