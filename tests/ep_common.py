@@ -46,7 +46,7 @@ def force_routing(layer: CoELayer, tables: list[torch.Tensor]) -> None:
             logits_TN = F.linear(h_TD.to(dtype), self.weight.to(dtype))
             probs_TN = logits_TN.softmax(dim=-1)
             assert table.shape[0] == h_TD.shape[0], (table.shape, h_TD.shape)
-            weights_TK = probs_TN.gather(1, table) * self.routed_scaling_factor
+            weights_TK = self.rule.apply(probs_TN.gather(1, table))
             return Routing(logits_TN, probs_TN, weights_TK, table)
 
         router.forward = types.MethodType(forward, router)

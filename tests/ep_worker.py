@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from coe_dist.train.expert_balance import update_expert_biases
+
 from ep_common import build_layer, force_routing, record_router_calls, run_layer
 
 

@@ -1,7 +1,7 @@
 """The router's options against an independent float64 implementation (tests/routing_reference.py):
 gate rules (reference, renorm_then_scale, sigmoid), the expert bias of aux-loss-free balancing (choice only,
-never the gates; its update), device-limited routing (best M of G groups) and their config checks. The biases' checkpoint round trip is
-in tests/test_checkpoint.py (its runs have moe.expert_bias_rate on)."""
+never the gates; its update), device-limited routing (best M of G groups) and their config checks. The
+biases' checkpoint round trip is in tests/test_checkpoint.py (its runs have moe.expert_bias_rate on)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from coe_dist.config import ConfigError, MoEConfig, config_from_dict
 from coe_dist.model.coe import CoELayer
+
 from routing_reference import RouterSpec, bias_step, route
 
 F64 = torch.float64
