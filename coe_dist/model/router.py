@@ -3,7 +3,7 @@
     logits = h W^T (float32 or wider)
     s      = softmax(logits) | sigmoid(logits)                      (moe.router_score)
     c      = s + b                                                  (b: expert bias, aux-loss-free balancing)
-    c      = c outside the best M of G expert groups set to -inf    (device-limited routing)
+    c[e]   = -inf for e outside the token's best M of G groups     (device-limited routing)
     I      = topk(c, K);  g = s[I]                                  (the bias only chooses; gates come from s)
     g      = gate rule (moe.gate_scaling; sigmoid: g / sum(g) * routed_scaling_factor)
 
