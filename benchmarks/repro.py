@@ -1,18 +1,23 @@
 """Reproduce the CoE paper's comparison at small scale on GSM8K (configs/repro/), and write docs/repro.md.
 
     .venv/bin/python benchmarks/repro.py [--seeds 1,2] [--steps 300] [--configs coe-2-4of64,moe-8of64]
+    .venv/bin/python benchmarks/repro.py --configs coe-2-4of64,coe-2-4of64+auxfree --seeds 1,2,3
     .venv/bin/python benchmarks/repro.py --summarise runs/paper-repro --out runs/paper-repro/repro.md
 
 Preprocesses ../shared/data/gsm8k (train for training, test for validation) with the GPT-NeoX tokenizer,
 trains every config with 2 ranks and ep 2 for each seed, then tabulates the final validation loss
-(mean +/- half the spread over seeds), parameters, peak memory and tokens/s, and plots validation loss
-against step. Runs that already finished (their metrics.jsonl reaches the last step) are not rerun.
+(mean +/- standard error over seeds), parameters, peak memory, tokens/s and wall time, the paired
+difference per seed of each compared pair (the same seed means the same data order), and plots validation
+loss against step. A config name may carry variants, `NAME+VARIANT[+VARIANT]` (VARIANTS below: a set of
+`--set` overrides on configs/repro/NAME.yaml). Runs that already finished (their metrics.jsonl reaches the
+last step) are not rerun; an interrupted one continues from its last checkpoint (--resume auto).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -63,20 +68,57 @@ def compact_vocabulary(data: dict[str, Path]) -> tuple[dict[str, Path], int]:
     return out, -(-len(used) // 64) * 64
 
 
-def train(config: Path, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
+# Config variants: NAME+VARIANT trains configs/repro/NAME.yaml with these overrides added.
+VARIANTS = {
+    # aux-loss-free balancing (DeepSeek-V3) instead of the aux loss
+    "auxfree": ("moe.aux_loss_coef=0", "moe.expert_bias_rate=0.001"),
+    # device-limited routing: every token's experts on one of the two ranks (a group = one rank's experts)
+    "devlim": ("moe.routing_groups=2", "moe.routing_group_topk=1"),
+    "sigmoid": ("moe.router_score=sigmoid",),
+}
+WALL = "repro_wall.json"  # <run_dir>/repro_wall.json: seconds this harness spent on the run, over its attempts
+
+
+def config_and_overrides(name: str) -> tuple[Path, list[str]]:
+    """`coe-2-4of64+auxfree` -> (configs/repro/coe-2-4of64.yaml, the auxfree overrides)."""
+    base, *variants = name.split("+")
+    config = ROOT / "configs" / "repro" / f"{base}.yaml"
+    if not config.is_file():
+        raise SystemExit(f"repro: {config} does not exist: use a name from configs/repro")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"repro: unknown variant '{unknown[0]}' in '{name}': use one of {', '.join(VARIANTS)}")
+    return config, [o for v in variants for o in VARIANTS[v]]
+
+
+def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
           run_dir: Path) -> float:
-    """One 2-rank run; returns its wall time. Peak RSS of the ranks is read by the caller from rusage."""
-    args = [sys.executable, "-m", "coe_dist.cli", "train", "--config", str(config), "--nproc", "2"]
+    """One 2-rank run, resumed from its last checkpoint if it has one; returns the wall time of this attempt
+    and adds it to <run_dir>/repro_wall.json."""
+    config, variant = config_and_overrides(name)
+    args = [sys.executable, "-m", "coe_dist.cli", "train", "--config", str(config), "--nproc", "2",
+            "--resume", "auto"]
     for o in (f"train.seed={seed}", f"train.steps={steps}", f"log.run_dir={run_dir}",
               f"data.dataset={data['train']}", f"data.valid_dataset={data['test']}", f"data.tokenizer={tokenizer}",
               f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}",
-              f"log.eval_interval={max(1, steps // 6)}"):
+              f"log.eval_interval={max(1, steps // 6)}", f"log.save_interval={max(1, steps // 6)}",
+              "log.keep_last=1", *variant):
         args += ["--set", o]
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
-        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return time.perf_counter() - start
+    try:
+        with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
+            subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    finally:
+        seconds = time.perf_counter() - start
+        record_wall_time(run_dir, seconds)
+    return seconds
+
+
+def record_wall_time(run_dir: Path, seconds: float) -> None:
+    path = run_dir / WALL
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    path.write_text(json.dumps({"seconds": total + seconds}))
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -95,6 +137,11 @@ CLAIMS = [
 ]
 
 
+def standard_error(xs: list[float]) -> float:
+    """Sample standard deviation / sqrt(n); nan for a single value."""
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
+
+
 @dataclass
 class Result:
     name: str
@@ -104,6 +151,8 @@ class Result:
     expert_params: int
     peak_mib: float  # largest peak RSS of rank 0 over the seeds
     tokens_per_s: float  # median over the logged windows of every seed
+    seeds: list[int] | None = None  # the seed of each entry of finals
+    wall_s: list[float | None] | None = None  # harness wall time per seed (None: not run by this harness)
 
     @property
     def mean(self) -> float:
@@ -113,20 +162,59 @@ class Result:
     def half_spread(self) -> float:
         return (max(self.finals) - min(self.finals)) / 2
 
+    @property
+    def stderr(self) -> float:
+        return standard_error(self.finals)
+
+
+def _seed_of(run_dir: Path) -> int:
+    return int(run_dir.name.rsplit("-seed", 1)[1])
+
 
 def load_result(name: str, dirs: list[Path]) -> Result:
-    finals, curves, tps, peak = [], [], [], 0.0
+    finals, curves, tps, peak, walls = [], [], [], 0.0, []
     for d in dirs:
         recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        curve = [(r["step"], r["valid/loss"]) for r in recs if "valid/loss" in r]
+        # dict: after a resume a step logged twice counts once, with its last value
+        curve = sorted({r["step"]: r["valid/loss"] for r in recs if "valid/loss" in r}.items())
         curves.append(curve)
         finals.append(curve[-1][1])
         tps += [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
         peak = max([peak] + [r["peak_memory_mib"] for r in recs if "peak_memory_mib" in r])
+        walls.append(json.loads((d / WALL).read_text())["seconds"] if (d / WALL).is_file() else None)
     info = json.loads((dirs[0] / "run_info.json").read_text())
     local, ep = info["layout"]["parameters_rank0"], info["layout"]["ep_size"]
     experts = local["expert_local"] * ep
-    return Result(name, finals, curves, local["dense"] + experts, experts, peak, statistics.median(tps))
+    return Result(name, finals, curves, local["dense"] + experts, experts, peak, statistics.median(tps),
+                  [_seed_of(d) for d in dirs], walls)
+
+
+@dataclass
+class Paired:
+    """A - B per seed that both ran (the same seed: the same data order and initial dense weights)."""
+
+    seeds: list[int]
+    diffs: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.diffs)
+
+    @property
+    def stderr(self) -> float:
+        return standard_error(self.diffs)
+
+
+def paired(a: Result, b: Result) -> Paired:
+    b_by_seed = dict(zip(b.seeds, b.finals, strict=True))
+    common = [(s, x) for s, x in zip(a.seeds, a.finals, strict=True) if s in b_by_seed]
+    return Paired([s for s, _ in common], [x - b_by_seed[s] for s, x in common])
+
+
+def comparisons(names: list[str]) -> list[tuple[str, str]]:
+    """The pairs to difference: the paper's claims, and every NAME+VARIANT against its NAME."""
+    pairs = [(a, b) for a, b, _, _ in CLAIMS if a in names and b in names]
+    return pairs + [(n, n.split("+")[0]) for n in names if "+" in n and n.split("+")[0] in names]
 
 
 def verdict(a: Result, b: Result, expected: str) -> str:
@@ -143,13 +231,21 @@ def summarise(results: list[Result], out_md: Path) -> str:
     """Table, claims and plot; the markdown goes after `<!-- table -->` in out_md (or is all of it)."""
     plot = out_md.parent / "repro" / "valid_loss.png"
     plot_curves(results, plot)
-    lines = ["| config | final valid loss, mean ± half-spread | per seed | params (experts) | "
-             "peak RSS rank 0 (MiB) | tokens/s (median) |", "|---|---|---|---|---|---|"]
+    lines = ["| config | final valid loss, mean ± standard error (seeds) | per seed | params (experts) | "
+             "peak RSS rank 0 (MiB) | tokens/s (median) | wall time per run (s) |", "|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: r.mean):
         seeds = ", ".join(f"{x:.4f}" for x in r.finals)
-        lines.append(f"| {r.name} | {r.mean:.4f} ± {r.half_spread:.4f} | {seeds} | {r.params / 1e6:.2f} M "
-                     f"({r.expert_params / 1e6:.2f} M) | {r.peak_mib:.0f} | {r.tokens_per_s:,.0f} |")
+        walls = ", ".join("-" if w is None else f"{w:.0f}" for w in (r.wall_s or [None] * len(r.finals)))
+        lines.append(f"| {r.name} | {r.mean:.4f} ± {r.stderr:.4f} ({len(r.finals)}) | {seeds} | "
+                     f"{r.params / 1e6:.2f} M ({r.expert_params / 1e6:.2f} M) | {r.peak_mib:.0f} | "
+                     f"{r.tokens_per_s:,.0f} | {walls} |")
     by_name = {r.name: r for r in results}
+    lines += ["", "| A | B | paired A - B, mean ± standard error (seeds) | A - B per seed |", "|---|---|---|---|"]
+    for a, b in comparisons(list(by_name)):
+        d = paired(by_name[a], by_name[b])
+        if d.diffs:
+            per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs, strict=True))
+            lines.append(f"| {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({len(d.diffs)}) | {per_seed} |")
     lines += ["", "| paper's claim | A | B | A - B (valid loss) | seed spread (A + B) | here |",
               "|---|---|---|---|---|---|"]
     for a, b, expected, claim in CLAIMS:
@@ -221,6 +317,8 @@ def main() -> int:
         return 1
     data, vocab = compact_vocabulary(preprocess(tokenizer))
     names = args.configs.split(",") if args.configs else sorted(p.stem for p in (ROOT / "configs/repro").glob("*.yaml"))
+    for name in names:  # every name checked before the first run starts
+        config_and_overrides(name)
     run_dirs: dict[str, list[Path]] = {}
     for name in names:
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -228,8 +326,8 @@ def main() -> int:
             run_dirs.setdefault(name, []).append(run_dir)
             if finished(run_dir, args.steps):
                 continue
-            seconds = train(ROOT / "configs/repro" / f"{name}.yaml", seed, args.steps, data, vocab, tokenizer,
-                            run_dir)
+            print(f"repro: {name} seed {seed}: training (log: {run_dir}.log)", flush=True)
+            seconds = train(name, seed, args.steps, data, vocab, tokenizer, run_dir)
             print(f"repro: {name} seed {seed}: {seconds:.0f} s", flush=True)
     print(summarise([load_result(n, d) for n, d in run_dirs.items()], Path(args.out)))
     return 0

@@ -59,6 +59,11 @@ class MoEConfig:
     independent_gating: bool = True
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    gate_scaling: str = "reference"  # reference (renorm if K > 1 and norm_topk_prob, else scale) | renorm_then_scale
+    router_score: str = "softmax"  # softmax | sigmoid (DeepSeek-V3: gates renormalised over the chosen K, scaled)
+    expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing, bias += rate * sign(mean load - load) per step
+    routing_groups: int = 1  # G: device-limited routing over G groups of N/G consecutive experts (1 = off)
+    routing_group_topk: int = 1  # M: each token picks its K experts within its best M groups
     aux_loss_coef: float = 0.001
     aux_loss_type: str = "seq"  # seq | global
     z_loss_coef: float = 0.0
@@ -345,6 +350,11 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
            "set one of them to true")
     _choice("moe", moe, "aux_loss_type", ("seq", "global"))
     _choice("moe", moe, "expert_impl", ("grouped", "loop"))
+    _choice("moe", moe, "gate_scaling", ("reference", "renorm_then_scale"))
+    _choice("moe", moe, "router_score", ("softmax", "sigmoid"))
+    _check(moe.expert_bias_rate >= 0,
+           f"moe.expert_bias_rate={moe.expert_bias_rate}: must be >= 0 (0 = no aux-loss-free balancing)")
+    _validate_routing_groups(moe)
     _check(moe.aux_loss_coef >= 0, f"moe.aux_loss_coef={moe.aux_loss_coef}: must be >= 0")
     _check(moe.z_loss_coef >= 0, f"moe.z_loss_coef={moe.z_loss_coef}: must be >= 0")
     _check(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor}: must be > 0")
@@ -353,6 +363,17 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
     _check(moe.a2a_chunks >= 1,
            f"moe.a2a_chunks={moe.a2a_chunks}: must be >= 1; use 1 for one all-to-all per iteration and direction, "
            "or 2 or more to pipeline that many token chunks")
+
+
+def _validate_routing_groups(moe: MoEConfig) -> None:
+    G, M, N, K = moe.routing_groups, moe.routing_group_topk, moe.num_experts, moe.top_k
+    _check(G >= 1 and N % G == 0,
+           f"moe.routing_groups={G}: must divide moe.num_experts={N} (1 = no device-limited routing), "
+           f"e.g. moe.routing_groups=moe.ep_size")
+    _check(1 <= M <= G, f"moe.routing_group_topk={M}: must be between 1 and moe.routing_groups={G}")
+    _check(M * (N // G) >= K,
+           f"moe.routing_group_topk={M}: its {M} groups of {N // G} experts hold fewer than moe.top_k={K}; "
+           f"use moe.routing_group_topk >= {-(-K // (N // G))}")
 
 
 def validate(cfg: RunConfig) -> None:

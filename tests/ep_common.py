@@ -45,10 +45,24 @@ def force_routing(layer: CoELayer, tables: list[torch.Tensor]) -> None:
             logits_TN = F.linear(h_TD.to(dtype), self.weight.to(dtype))
             probs_TN = logits_TN.softmax(dim=-1)
             assert table.shape[0] == h_TD.shape[0], (table.shape, h_TD.shape)
-            weights_TK = probs_TN.gather(1, table) * self.routed_scaling_factor
+            weights_TK = self.rule.apply(probs_TN.gather(1, table))
             return Routing(logits_TN, probs_TN, weights_TK, table)
 
         router.forward = types.MethodType(forward, router)
+
+
+def record_router_calls(layer: CoELayer) -> list[dict]:
+    """From now on, every router call of `layer` appends {iteration, h, bias, experts, weights} (detached
+    copies; bias None without balancing) to the returned list."""
+    calls: list[dict] = []
+    for t, router in enumerate(layer.routers):
+        def hook(module, args, out, t=t):
+            bias = module.expert_bias
+            calls.append({"router": t, "h": args[0].detach().clone(),
+                          "bias": None if bias is None else bias.detach().clone(),
+                          "experts": out.experts_TK.clone(), "weights": out.weights_TK.detach().clone()})
+        router.register_forward_hook(hook)
+    return calls
 
 
 def grads_by_name(layer: CoELayer) -> dict[str, torch.Tensor]:

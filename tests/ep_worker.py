@@ -4,7 +4,9 @@
 
 Runs every case of SPEC_PT in order on this rank's slice of the global batch (sequences
 [rank*B/world, (rank+1)*B/world)), all in one gloo process group, and writes OUT_DIR/rank<r>.pt:
-{case name: outputs, aux, input and weight grads, comm stats, dropped counts, group ranks}.
+{case name: outputs, aux, input and weight grads, comm stats, dropped counts, group ranks, every router call's
+input and output}. A case with moe.expert_bias_rate runs two training steps, each followed by the trainer's
+bias update (loads all-reduced over the world); what is reported is the second step and the biases after it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ep_common import build_layer, force_routing, run_layer
+from coe_dist.train.expert_balance import update_expert_biases
+
+from ep_common import build_layer, force_routing, record_router_calls, run_layer
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -35,8 +39,16 @@ def main(spec_path: str, out_dir: str) -> None:
         if case["forced"] is not None:
             T_l = Bl * case["u"].shape[1]
             force_routing(layer, [t[rank * T_l:(rank + 1) * T_l] for t in case["forced"]])
-        res = run_layer(layer, case["u"][rows], case["gout"][rows], aux_scale=Bl / B,
-                        input_requires_grad=case.get("input_requires_grad", True))
+        steps = 2 if case["cfg"].get("expert_bias_rate") else 1
+        calls = record_router_calls(layer)
+        for _ in range(steps):
+            layer.dispatcher.stats.reset()
+            calls.clear()
+            res = run_layer(layer, case["u"][rows], case["gout"][rows], aux_scale=Bl / B,
+                            input_requires_grad=case.get("input_requires_grad", True))
+            update_expert_biases([layer], world)
+        res["router_calls"] = calls
+        res["biases"] = [r.expert_bias for r in layer.routers if r.expert_bias is not None]
         stats = layer.dispatcher.stats
         res["records"] = {key: (r.calls, r.bytes_sent, r.bytes_received) for key, r in stats.records.items()}
         res["dropped"] = dict(stats.dropped)

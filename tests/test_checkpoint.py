@@ -13,8 +13,9 @@ from coe_dist.train import checkpoint
 
 from trainrun import losses, metrics, run_train
 
+# expert_bias_rate on: the routers' expert biases (buffers, not parameters) must come back too.
 FAST = ("train.dtype=fp32", "log.log_interval=1", "data.num_documents=400", "log.sample_log=true",
-        "train.steps=6", "log.eval_interval=6", "log.eval_batches=2")
+        "train.steps=6", "log.eval_interval=6", "log.eval_batches=2", "moe.expert_bias_rate=0.01")
 
 
 def sample_log(run_dir) -> dict[int, list[int]]:
@@ -25,6 +26,11 @@ def sample_log(run_dir) -> dict[int, list[int]]:
             rec = json.loads(line)
             out.setdefault(rec["step"], []).extend(rec["samples"])
     return {s: sorted(v) for s, v in out.items()}
+
+
+def expert_biases(ckpt) -> dict[str, torch.Tensor]:
+    dense = torch.load(ckpt / "dense.pt", weights_only=True)
+    return {k: v for k, v in dense.items() if k.endswith("expert_bias")}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +51,13 @@ def test_resume_same_layout_is_bitwise(tmp_path, straight):
     full = losses(straight)
     assert sorted(resumed) == [4, 5, 6]
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)  # bitwise: same floats
+    biases = [expert_biases(run / "checkpoints" / "step_6") for run in (straight, tmp_path)]
+    assert biases[0] and sorted(biases[0]) == sorted(biases[1])
+    assert all(torch.equal(biases[0][k], biases[1][k]) for k in biases[0])
+    moved = expert_biases(straight / "checkpoints" / "step_3")  # 3 steps of +-0.01 or 0 each, not all 0
+    assert all(set((b / 0.01).round().tolist()) <= {-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0} for b in moved.values())
+    assert any(b.abs().sum() > 0 for b in moved.values())
+    assert any(not torch.equal(moved[k], biases[0][k]) for k in moved)
     seen = sample_log(straight)
     again = sample_log(tmp_path)
     assert all(again[s] == seen[s] for s in (4, 5, 6))

@@ -75,10 +75,11 @@ def reference_block(cfg: MoEConfig, w: dict[str, torch.Tensor], u: torch.Tensor)
                 scale = max(abs(v.item()) for v in logits)
                 assert logits[order[k - 1]].item() - logits[order[k]].item() > 1e-9 * max(scale, 1.0)
             g = [p[e] for e in top]
-            if cfg.norm_topk_prob:
+            if k > 1 and cfg.norm_topk_prob:  # the reference: renormalise or scale, never both
                 g_sum = sum(g)
                 g = [gi / g_sum for gi in g]
-            g = [gi * cfg.routed_scaling_factor for gi in g]
+            else:
+                g = [gi * cfg.routed_scaling_factor for gi in g]
             y = torch.zeros(d, dtype=u.dtype)
             for gi, e in zip(g, top, strict=True):
                 y = y + gi * _swiglu(w, f"experts.{e}", h[tok])

@@ -11,7 +11,11 @@ on sequences [r*B/W, (r+1)*B/W). Comparisons:
 - grads of expert i: summed over the ranks holding it (its expert-data-parallel replicas);
 - bytes per (iteration, direction): kept token copies whose expert lives on another rank of the
   EP group, times hidden * 4, with the routing recomputed here from the router inputs and weights;
-- capacity: applied per rank on its own tokens, so the reference runs each rank's slice on its own.
+- capacity: applied per rank on its own tokens, so the reference runs each rank's slice on its own;
+- routing options (gate rules, sigmoid, expert bias, routing groups): every router call on every rank
+  against the independent router of tests/routing_reference.py on that call's input; with
+  moe.expert_bias_rate, two steps each followed by the bias update: the ranks' biases must be identical
+  and equal the update computed here from the whole batch's loads (the reference's step 2 uses them).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pytest
 import torch
 
 from ep_common import DIRECTIONS, build_layer, force_routing, launch, run_layer
+from routing_reference import RouterSpec, bias_step, route
 
 D, F, N = 32, 16, 8  # hidden, expert width, routed experts
 B, L = 8, 4  # global batch: sequences x length
@@ -77,7 +82,22 @@ def _cases() -> list[Case]:
             for C in (1, 2, 3):
                 for K in (1, 2, 4):
                     cases.append(Case(f"w{world}_ep{ep}_C{C}_K{K}", world, ep, C, K, "equiv"))
+    # Gate rules at ep 2 (COE_SPEC: the reference renormalises when K > 1 and norm_topk_prob, else scales).
+    for K in (1, 2, 4):
+        for norm in (False, True):
+            for scale in (1.0, 2.5):
+                cases.append(Case(f"gates_w2_ep2_K{K}_{'norm' if norm else 'raw'}_x{scale}", 2, 2, 2, K, "equiv",
+                                  dict(norm_topk_prob=norm, routed_scaling_factor=scale)))
     cases += [
+        Case("gates_w2_ep2_renorm_then_scale_K1", 2, 2, 2, 1, "equiv",
+             dict(gate_scaling="renorm_then_scale", norm_topk_prob=True, routed_scaling_factor=2.5)),
+        Case("route_w2_ep2_sigmoid", 2, 2, 2, 2, "equiv", dict(router_score="sigmoid", routed_scaling_factor=2.5)),
+        Case("route_w2_ep2_bias", 2, 2, 2, 2, "equiv", dict(expert_bias_rate=0.02)),
+        Case("route_w2_ep2_bias_sigmoid_shared_gating", 2, 2, 3, 2, "equiv",
+             dict(expert_bias_rate=0.02, router_score="sigmoid", independent_gating=False)),
+        Case("route_w2_ep2_groups", 2, 2, 2, 3, "equiv", dict(routing_groups=2, routing_group_topk=1)),
+        Case("route_w2_ep2_groups_bias", 2, 2, 2, 2, "equiv",
+             dict(routing_groups=2, routing_group_topk=1, expert_bias_rate=0.02)),
         Case("w2_ep2_shared_gating_norm_topk", 2, 2, 3, 2, "equiv",
              dict(independent_gating=False, norm_topk_prob=True, routed_scaling_factor=2.0)),
         Case("w2_ep2_no_shared_outer_residual_zloss", 2, 2, 2, 3, "equiv",
@@ -135,9 +155,29 @@ def _prepare(case: Case, index: int) -> dict:
         forced = [torch.cat([case.forced(r, t, T_l, g) for r in range(case.world)]) for t in range(case.C)]
 
     layer = build_layer(case.cfg, D, 1, sd)
+    ref = _reference_step(case, layer, u, gout, forced)
+    rate = case.cfg.get("expert_bias_rate", 0.0)
+    if rate:  # the bias update from the whole batch's loads, then the step the ranks report
+        ref["biases"] = []
+        for r, router in enumerate(layer.routers):
+            iters = [r] if layer.config.independent_gating else range(case.C)
+            load = sum(torch.bincount(ref["experts"][t].flatten(), minlength=N) for t in iters)
+            ref["biases"].append(torch.tensor(bias_step(router.expert_bias.tolist(), load.tolist(), rate)))
+            with torch.no_grad():
+                router.expert_bias.copy_(ref["biases"][-1])
+        ref = _reference_step(case, layer, u, gout, forced) | {"biases": ref["biases"]}
+    worker_case = dict(name=case.name, cfg=case.cfg, ep=case.ep, sd=sd, u=u, gout=gout, forced=forced,
+                       input_requires_grad=case.input_requires_grad)
+    return {"case": case, "ref": ref, "worker": worker_case}
+
+
+def _reference_step(case: Case, layer, u: torch.Tensor, gout: torch.Tensor, forced) -> dict:
+    """One forward + backward of the single-process layer, and each iteration's experts ([T, K]) recomputed
+    by the independent router from the router inputs, weights and biases."""
     inputs: list[torch.Tensor] = []
-    for router in layer.routers:
-        router.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    hooks = [router.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+             for router in layer.routers]
+    spec = RouterSpec.of(layer.config)
     # Capacity is per rank: the reference runs each rank's slice alone. Dropless: one global run.
     Bd = B // case.world if case.cf is not None else B
     runs, experts = [], [[] for _ in range(case.C)]
@@ -149,26 +189,22 @@ def _prepare(case: Case, index: int) -> dict:
         runs.append(run_layer(layer, u[rows], gout[rows], aux_scale=Bd / B,
                               input_requires_grad=case.input_requires_grad))
         assert len(inputs) == case.C
-        for t, h_TD in enumerate(inputs):  # recompute the routing from router inputs and weights
+        for t, h_TD in enumerate(inputs):
             if forced is not None:
                 experts[t].append(forced[t][toks])
                 continue
-            w = layer.routers[t if layer.config.independent_gating else 0].weight.detach()
-            logits = h_TD @ w.T
-            top = logits.topk(min(case.K + 1, N), dim=-1).values
-            if case.K < N:  # test data sanity: no near-tie (logits ~1, layout rounding ~1e-6)
-                assert (top[:, case.K - 1] - top[:, case.K]).min() > 1e-5, case.name
-            experts[t].append(torch.softmax(logits, dim=-1).topk(case.K, dim=-1).indices)
-    ref = {
+            router = layer.routers[t if layer.config.independent_gating else 0]
+            # min_gap: no near-tie in the test data (scores ~0.1, layout rounding ~1e-7)
+            experts[t].append(route(h_TD, router.weight.detach(), spec, router.expert_bias, min_gap=1e-6)[0])
+    for hook in hooks:
+        hook.remove()
+    return {
         "out": torch.cat([r["out"] for r in runs]),
         "aux": sum(r["aux"] * (Bd / B) for r in runs),
         "u_grad": torch.cat([r["u_grad"] for r in runs]) if case.input_requires_grad else None,
         "grads": {k: sum(r["grads"][k] for r in runs) for k in runs[0]["grads"]},
         "experts": [torch.cat(e) for e in experts],  # per iteration [T, K]
     }
-    worker_case = dict(name=case.name, cfg=case.cfg, ep=case.ep, sd=sd, u=u, gout=gout, forced=forced,
-                       input_requires_grad=case.input_requires_grad)
-    return {"case": case, "ref": ref, "worker": worker_case}
 
 
 def _run_world(world: int, cases: list[Case], tmp_path_factory, **launch_kw) -> dict:
@@ -315,6 +351,49 @@ def test_comm_bytes_per_iteration_and_direction(request, case):
             sent = sum(r["records"][(t, direction)][1] for r in res["ranks"])
             received = sum(r["records"][(t, direction)][2] for r in res["ranks"])
             assert sent == received, (t, direction)
+
+
+ROUTING_CASES = [c for c in CASES if c.name.startswith(("gates_", "route_"))]
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES, ids=lambda c: c.name)
+def test_routing_options_under_ep_match_independent_router(request, case):
+    """Every router call on every rank: the experts and gates the independent router gives for its input."""
+    res = _result(request, case)
+    spec = RouterSpec.of(build_layer(case.cfg, D, 1).config)
+    for rank, r in enumerate(res["ranks"]):
+        assert len(r["router_calls"]) == case.C, rank
+        for call in r["router_calls"]:
+            w = res["worker"]["sd"][f"gate.{call['router']}.weight" if "gate.0.weight" in res["worker"]["sd"]
+                                    else "gate.weight"]
+            experts, gates = route(call["h"], w, spec, call["bias"], min_gap=1e-6)
+            assert torch.equal(call["experts"], experts), (rank, call["router"])
+            assert torch.allclose(call["weights"].double(), gates, rtol=1e-5, atol=0), (rank, call["router"])
+        if case.extra.get("routing_groups") == case.ep:  # a group = one rank's experts
+            ranks_per_token = [len(set(row)) for call in r["router_calls"]
+                               for row in (call["experts"] // (N // case.ep)).tolist()]
+            assert max(ranks_per_token) <= case.extra["routing_group_topk"], rank
+    if case.extra.get("expert_bias_rate"):
+        first = res["ranks"][0]["biases"]
+        assert len(first) == len(res["ref"]["biases"]) and any(b.abs().sum() > 0 for b in first)
+        for rank, r in enumerate(res["ranks"]):  # identical on every rank, bitwise
+            assert all(torch.equal(a, b) for a, b in zip(r["biases"], first, strict=True)), rank
+        # Equal to the update from the whole batch's loads computed here (ranks: two updates from zero).
+        assert all(torch.allclose(a.double(), b.double(), rtol=0, atol=1e-6)
+                   for a, b in zip(first, _two_updates(res), strict=True))
+
+
+def _two_updates(res: dict) -> list[torch.Tensor]:
+    """The biases after both of the ranks' steps: the reference's first update (in res["ref"]), then a second
+    one from the loads of step 2, which the reference recomputed with the independent router."""
+    case, ref = res["case"], res["ref"]
+    rate, independent = case.cfg["expert_bias_rate"], case.cfg.get("independent_gating", True)
+    out = []
+    for r, bias in enumerate(ref["biases"]):
+        iters = [r] if independent else range(case.C)
+        load = sum(torch.bincount(ref["experts"][t].flatten(), minlength=N) for t in iters)
+        out.append(torch.tensor(bias_step(bias.tolist(), load.tolist(), rate)))
+    return out
 
 
 def test_ep1_data_parallel_has_no_comm_or_drops(world2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from coe_dist.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("repro", ROOT / "benchmarks" / "repro.py")
@@ -53,7 +56,8 @@ def test_summary_table_and_verdicts(tmp_path):
     out.write_text("# intro kept\n<!-- table -->\nold table, replaced\n")
     text = repro.summarise([repro.load_result(n, d) for n, d in groups.items()], out)
     # coe: mean of 2.00 and 2.10, half the spread 0.05; whole model 400 dense + 2 x 300 experts = 1000 params.
-    assert "| coe-2-4of64 | 2.0500 ± 0.0500 | 2.0000, 2.1000 | 0.00 M (0.00 M) | 200 | 1,500 |" in text
+    # standard error over 2 seeds = stdev / sqrt(2) = |2.10 - 2.00| / 2; no harness wall time recorded: "-"
+    assert "| coe-2-4of64 | 2.0500 ± 0.0500 (2) | 2.0000, 2.1000 | 0.00 M (0.00 M) | 200 | 1,500 | -, - |" in text
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
     # coe - moe = 2.05 - 2.50 = -0.45, beyond 0.05 + 0.10: holds
     assert "| -0.4500 | 0.1500 | holds |" in rows["CoE-2(4/64) beats MoE(8/64) at equal FLOPs (paper: 1.12 vs 1.20)"]
@@ -68,6 +72,49 @@ def test_summary_table_and_verdicts(tmp_path):
     assert (tmp_path / "docs" / "repro" / "valid_loss.png").stat().st_size > 1000
     coe = repro.load_result("coe-2-4of64", groups["coe-2-4of64"])
     assert (coe.params, coe.expert_params) == (1000, 600)
+
+
+def test_standard_error_and_paired_differences_by_hand():
+    assert repro.standard_error([2.0, 2.1]) == pytest.approx(0.05, rel=1e-12)
+    # mean 7/3; stdev sqrt(((4/3)^2 + (1/3)^2 + (5/3)^2) / 2) = sqrt(7/3); / sqrt(3) = sqrt(7) / 3
+    assert repro.standard_error([1.0, 2.0, 4.0]) == pytest.approx(7 ** 0.5 / 3, rel=1e-12)
+    assert math.isnan(repro.standard_error([1.0]))
+    a = repro.Result("a", [2.0, 2.1, 2.3], [], 1, 1, 0.0, 0.0, seeds=[1, 2, 3])
+    b = repro.Result("b", [2.2, 2.2, 9.0], [], 1, 1, 0.0, 0.0, seeds=[1, 2, 4])
+    d = repro.paired(a, b)  # seeds 1 and 2 only: -0.2, -0.1
+    assert d.seeds == [1, 2] and d.diffs == pytest.approx([-0.2, -0.1], abs=1e-12)
+    assert (d.mean, d.stderr) == (pytest.approx(-0.15, abs=1e-12), pytest.approx(0.05, rel=1e-9))
+
+
+def test_variants_paired_rows_and_wall_time(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, base, aux in ((1, 2.00, 1.90), (2, 2.10, 2.06), (3, 2.30, 2.21)):
+        fake_run(runs, "coe-2-4of64", seed, [(10, 3.0), (20, base)])
+        fake_run(runs, "coe-2-4of64+auxfree", seed, [(10, 3.0), (20, aux)])
+    repro.record_wall_time(runs / "coe-2-4of64+auxfree-seed1", 100.0)
+    repro.record_wall_time(runs / "coe-2-4of64+auxfree-seed1", 20.5)  # a resumed run: attempts add up
+    groups = repro.runs_in(runs)
+    text = repro.summarise([repro.load_result(n, d) for n, d in groups.items()], tmp_path / "out.md")
+    # auxfree: 1.90, 2.06, 2.21: mean 2.0567, stdev 0.15503 / sqrt 3 = 0.0895; wall 120.5 s, then none
+    assert "| coe-2-4of64+auxfree | 2.0567 ± 0.0895 (3) | 1.9000, 2.0600, 2.2100 |" in text
+    assert text.split("| coe-2-4of64+auxfree |")[1].splitlines()[0].endswith("| 120, -, - |")
+    # paired: -0.10, -0.04, -0.09: mean -0.0767, stdev 0.03215 / sqrt 3 = 0.0186
+    assert ("| coe-2-4of64+auxfree | coe-2-4of64 | -0.0767 ± 0.0186 (3) | 1: -0.1000, 2: -0.0400, 3: -0.0900 |"
+            in text)
+
+
+def test_variant_names():
+    config, overrides = repro.config_and_overrides("coe-2-4of64+auxfree+devlim")
+    assert config == ROOT / "configs" / "repro" / "coe-2-4of64.yaml"
+    assert overrides == ["moe.aux_loss_coef=0", "moe.expert_bias_rate=0.001", "moe.routing_groups=2",
+                         "moe.routing_group_topk=1"]
+    for variant in repro.VARIANTS:  # every variant is a valid config on the family's CoE and MoE
+        for name in ("coe-2-4of64", "moe-8of64"):
+            load_config(config.with_name(f"{name}.yaml"), repro.config_and_overrides(f"{name}+{variant}")[1])
+    with pytest.raises(SystemExit, match="unknown variant 'fast' in 'coe-2-4of64\\+fast': use one of auxfree"):
+        repro.config_and_overrides("coe-2-4of64+fast")
+    with pytest.raises(SystemExit, match="coe-9.yaml does not exist"):
+        repro.config_and_overrides("coe-9+auxfree")
 
 
 def test_verdict_reversed_and_unequal():

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from coe_dist.config import MoEConfig, validate_moe
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
-from coe_dist.model.router import Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
+from coe_dist.model.router import GateRule, Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
 
 
@@ -49,9 +49,12 @@ class CoELayer(nn.Module):
         self.hidden_size = hidden_size
         self.layer = layer
         num_routers = config.iterations if config.independent_gating else 1
+        rule = GateRule(config.router_score, config.gate_scaling, config.norm_topk_prob,
+                        config.routed_scaling_factor)
         self.routers = nn.ModuleList(
-            Router(hidden_size, config.num_experts, config.top_k, norm_topk_prob=config.norm_topk_prob,
-                   routed_scaling_factor=config.routed_scaling_factor) for _ in range(num_routers))
+            Router(hidden_size, config.num_experts, config.top_k, rule=rule, expert_bias=config.expert_bias_rate > 0,
+                   routing_groups=config.routing_groups, routing_group_topk=config.routing_group_topk)
+            for _ in range(num_routers))
         self.dispatcher = _build_dispatcher(config, layer)
         ep_rank = getattr(self.dispatcher, "ep_rank", 0)
         self.num_local_experts = config.num_experts // config.ep_size
@@ -147,6 +150,17 @@ class CoELayer(nn.Module):
         if cfg.z_loss_coef:
             loss = loss + cfg.z_loss_coef * z_loss(routing)
         return loss
+
+    # ------------------------------------------------------------------ aux-loss-free balancing
+
+    def pending_expert_load(self) -> torch.Tensor:
+        """[routers, N] token copies each router chose per expert since its last bias update (this rank)."""
+        return torch.stack([router.load_N for router in self.routers])
+
+    def update_expert_biases(self, load_RN: torch.Tensor) -> None:
+        """One bias step per router from `load_RN`, the pending loads already summed over all ranks."""
+        for router, load_N in zip(self.routers, load_RN, strict=True):
+            router.update_bias(load_N, self.config.expert_bias_rate)
 
     # ------------------------------------------------------------------ reference layout
 

@@ -1,6 +1,14 @@
-"""Top-k softmax gating and the router losses of COE_SPEC.
+"""Top-k gating and the router losses of COE_SPEC.
 
-Shape legend: T = tokens, N = routed experts, K = experts per token, B = sequences, L = sequence length.
+    logits = h W^T (float32 or wider)
+    s      = softmax(logits) | sigmoid(logits)                      (moe.router_score)
+    c      = s + b                                                  (b: expert bias, aux-loss-free balancing)
+    c[e]   = -inf for e outside the token's best M of G groups     (device-limited routing)
+    I      = topk(c, K);  g = s[I]                                  (the bias only chooses; gates come from s)
+    g      = gate rule (moe.gate_scaling; sigmoid: g / sum(g) * routed_scaling_factor)
+
+Shape legend: T = tokens, N = routed experts, K = experts per token, G = routing groups, B = sequences,
+L = sequence length.
 """
 
 from __future__ import annotations
@@ -15,33 +23,93 @@ from torch import nn
 @dataclass(frozen=True)
 class Routing:
     logits_TN: torch.Tensor  # router logits, float32 (or wider)
-    probs_TN: torch.Tensor  # softmax(logits)
+    probs_TN: torch.Tensor  # softmax(logits), or the sigmoid scores normalised over N: the balance losses' P
     weights_TK: torch.Tensor  # gate values g of the chosen experts (after norm/scaling)
     experts_TK: torch.Tensor  # chosen expert ids, int64
 
 
-class Router(nn.Module):
-    """s = softmax(h W^T) in float32; g, I = topk(s, K); optional renormalisation and scaling."""
+@dataclass(frozen=True)
+class GateRule:
+    """How the chosen scores become gate values (COE_SPEC "The block").
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
-                 norm_topk_prob: bool = False, routed_scaling_factor: float = 1.0) -> None:
+    score "softmax", scaling "reference" (the CoE reference): g/sum(g) if K > 1 and norm_topk_prob, else
+    g * routed_scaling_factor, never both. Scaling "renorm_then_scale" (DeepSeek-V3): g/sum(g) if
+    norm_topk_prob (any K), then * routed_scaling_factor. Score "sigmoid" (DeepSeek-V3): always
+    g/sum(g) * routed_scaling_factor."""
+
+    score: str = "softmax"  # softmax | sigmoid
+    scaling: str = "reference"  # reference | renorm_then_scale
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+
+    def apply(self, g_TK: torch.Tensor) -> torch.Tensor:
+        K = g_TK.shape[-1]
+        if self.score == "sigmoid":
+            renorm, scale = True, True
+        elif self.scaling == "reference":
+            renorm = K > 1 and self.norm_topk_prob
+            scale = not renorm
+        else:
+            renorm, scale = self.norm_topk_prob, True
+        if renorm:
+            g_TK = g_TK / (g_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return g_TK * self.routed_scaling_factor if scale else g_TK
+
+
+class Router(nn.Module):
+    """Scores in float32 (or wider), top-K choice (optionally biased, optionally group-limited), gate rule.
+
+    `expert_bias` (a buffer, saved in checkpoints) exists when aux-loss-free balancing is on; the trainer
+    counts the load over all ranks and calls `update_bias` after each optimizer step."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, rule: GateRule = GateRule(),
+                 expert_bias: bool = False, routing_groups: int = 1, routing_group_topk: int = 1) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.top_k = top_k
-        self.norm_topk_prob = norm_topk_prob
-        self.routed_scaling_factor = routed_scaling_factor
+        self.rule = rule
+        self.routing_groups = routing_groups
+        self.routing_group_topk = routing_group_topk
+        self.expert_bias: torch.Tensor | None
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
+        # Token copies chosen per expert since the last bias update (training forwards only; not saved).
+        self.register_buffer("load_N", torch.zeros(num_experts, dtype=torch.int64) if expert_bias else None,
+                             persistent=False)
 
     def forward(self, h_TD: torch.Tensor) -> Routing:
         # Gating in float32 even under bf16 autocast (as the reference does); float64 stays float64.
         dtype = torch.promote_types(h_TD.dtype, torch.float32)
         with torch.autocast(h_TD.device.type, enabled=False):
             logits_TN = F.linear(h_TD.to(dtype), self.weight.to(dtype))
-        probs_TN = logits_TN.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TN.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        weights_TK = weights_TK * self.routed_scaling_factor
+        if self.rule.score == "sigmoid":
+            scores_TN = logits_TN.sigmoid()
+            probs_TN = scores_TN / scores_TN.sum(dim=-1, keepdim=True)
+        else:
+            scores_TN = probs_TN = logits_TN.softmax(dim=-1)
+        experts_TK = self._choose(scores_TN.detach())
+        weights_TK = self.rule.apply(scores_TN.gather(1, experts_TK))
+        if self.expert_bias is not None and self.training and torch.is_grad_enabled():
+            self.load_N += torch.bincount(experts_TK.flatten(), minlength=self.load_N.numel())
         return Routing(logits_TN, probs_TN, weights_TK, experts_TK)
+
+    def _choose(self, scores_TN: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, K], best first: top-K of the (biased) scores within each token's best groups."""
+        choice_TN = scores_TN if self.expert_bias is None else scores_TN + self.expert_bias.to(scores_TN.dtype)
+        if self.routing_groups > 1:
+            T, N = choice_TN.shape
+            choice_TGn = choice_TN.view(T, self.routing_groups, N // self.routing_groups)
+            best_TM = choice_TGn.amax(dim=-1).topk(self.routing_group_topk, dim=-1).indices
+            keep_TG = torch.zeros(T, self.routing_groups, dtype=torch.bool, device=choice_TN.device)
+            keep_TG.scatter_(1, best_TM, True)
+            choice_TN = choice_TGn.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, N)
+        return choice_TN.topk(self.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def update_bias(self, load_N: torch.Tensor, rate: float) -> None:
+        """b += rate * sign(mean load - load): `load_N` already summed over every rank that routes tokens."""
+        load_N = load_N.to(self.expert_bias.dtype)
+        self.expert_bias += rate * torch.sign(load_N.mean() - load_N)
+        self.load_N.zero_()
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Checkpoints that do not depend on the parallel layout, written atomically, verified on load.
 
 A checkpoint is a directory `<run_dir>/checkpoints/step_<N>/`:
-    dense.pt              every non-expert parameter by name: fp32 value + Adam moments (written by rank 0)
+    dense.pt              every non-expert parameter by name: fp32 value + Adam moments (written by rank 0),
+                          and the model's persistent buffers (the routers' expert biases: equal on all ranks)
     experts-<r>.pt        the routed experts of EP rank r, one entry per GLOBAL expert id (written by the
                           first expert-data-parallel replica), so any other ep_size can pick its own experts
     meta.json             step, optimizer step, data-loader position, config, layout, sha256 of each file
@@ -161,6 +162,7 @@ def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[st
             for key, t in full.items():
                 experts[f"{key}/{_expert_key(layer, pname, layer.first_expert + e)}"] = t[e].clone()
 
+    dense.update({f"buffer/{name}": b.detach().cpu().clone() for name, b in _persistent_buffers(model).items()})
     ep_size = model.coe_layers()[0].config.ep_size if model.coe_layers() else 1
     mine = {"dense.pt": dense} if rank == 0 else {}
     if rank < ep_size and experts:  # the first expert-data-parallel replica holds every expert once
@@ -354,9 +356,27 @@ def check_model_shape(cfg: RunConfig, meta: dict[str, Any], path: Path) -> None:
 
 # ------------------------------------------------------------------ load
 
-def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer):
+def _persistent_buffers(model: CoETransformer) -> dict[str, torch.Tensor]:
+    params = {name for name, _ in model.named_parameters()}
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in params}
+
+
+@torch.no_grad()
+def _restore_buffers(path: Path, dense: dict[str, torch.Tensor], model: CoETransformer) -> None:
+    """Buffers a checkpoint lacks keep their initial value: a run saved without moe.expert_bias_rate
+    continues with it from zero biases."""
+    for name, b in _persistent_buffers(model).items():
+        saved = dense.get(f"buffer/{name}")
+        if saved is None:
+            continue
+        if saved.shape != b.shape:
+            raise CheckpointError(f"{path}: buffer {name} has shape {list(saved.shape)} in the checkpoint but "
+                                  f"{list(b.shape)} in this model: the model config differs")
+        b.copy_(saved.to(b.dtype))
+
+
+def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer, dense: dict[str, torch.Tensor]):
     """Yield (name, parameter, {param, exp_avg, exp_avg_sq}) for every parameter this rank holds."""
-    dense = torch.load(path / "dense.pt", map_location="cpu", weights_only=True)
     experts: dict[str, torch.Tensor] = {}
     for name in meta["files"]:
         if name.startswith("experts-"):
@@ -385,8 +405,10 @@ def load(path: Path, model: CoETransformer, engine, verified: dict[str, Any] | N
     meta = verify(path) if verified is None else verified
     opt_step = int(meta["optimizer_step"])
     zero = _zero_optimizer(engine, create_state=True)
-    for _name, p, full in _read_full_states(path, meta, model):
+    dense = _read_dense(path)
+    for _name, p, full in _read_full_states(path, meta, model, dense):
         _set_full(engine, zero, p, full, opt_step)
+    _restore_buffers(path, dense, model)
     _set_optimizer_step(zero, opt_step)
     sched = engine.lr_scheduler
     if sched is not None:  # LambdaLR: put it where it was after opt_step steps
@@ -399,9 +421,15 @@ def load(path: Path, model: CoETransformer, engine, verified: dict[str, Any] | N
 def load_weights(path: Path, model: CoETransformer) -> dict[str, Any]:
     """Weights only, no optimizer or engine: for eval, generate and convert."""
     meta = verify(path)
-    for _name, p, full in _read_full_states(path, meta, model):
+    dense = _read_dense(path)
+    for _name, p, full in _read_full_states(path, meta, model, dense):
         p.copy_(full["param"].to(p.dtype))
+    _restore_buffers(path, dense, model)
     return meta
+
+
+def _read_dense(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "dense.pt", map_location="cpu", weights_only=True)
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:

@@ -42,6 +42,7 @@ from coe_dist.kernels import kernel_report
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint, guards, memory, rundir
+from coe_dist.train.expert_balance import discard_pending_loads, update_expert_biases
 from coe_dist.train.metrics import MetricsLogger
 from coe_dist.train.moe_metrics import CommDelta, comm_totals, routing_metrics, start_recording
 from coe_dist.train.run_info import write_run_info
@@ -364,6 +365,11 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
         if loss_bad and applied:
             raise RuntimeError(f"step {step + 1}: DeepSpeed applied an update with a non-finite loss; is "
                                "zero_optimization.compute_grad_norm false in parallel.deepspeed_config?")
+        if applied:  # `applied` agrees over ranks: the all-reduce inside is called by all or by none
+            where.phase = "expert-bias update (load all-reduce)"
+            update_expert_biases(model.coe_layers(), penv.world_size)
+        else:
+            discard_pending_loads(model.coe_layers())
         lm, aux = (sums[:2] / (t.grad_accum * penv.world_size)).tolist()
         step += 1
         action = guard.record(step, not applied)
