@@ -304,3 +304,40 @@ def test_reference_sanity():
             a = torch.nn.functional.silu(w[f"experts.{e}.gate_proj.weight"] @ z)
             expected += s[e] * (w[f"experts.{e}.down_proj.weight"] @ (a * (w[f"experts.{e}.up_proj.weight"] @ z)))
         assert rel_err(h[0, i], expected) < 1e-12
+
+
+@pytest.mark.parametrize("C", [1, 2])
+def test_grouped_float32_layer_matches_reference(C):
+    """The production expert path (torch._grouped_mm: float64 is not a grouped dtype, so the grid above runs
+    the loop path) in a float32 layer against the float64 reference on the same float32-rounded weights and
+    input. Tolerance from float32's eps: per iteration a router GEMM, softmax, two expert GEMMs and the
+    SwiGLU (5 roundings forward, twice that backward), reductions of at most D = 16 terms, over C iterations."""
+    cfg = MoEConfig(num_experts=N, top_k=2, iterations=C, num_shared_experts=1, expert_hidden_size=F,
+                    aux_loss_coef=0.01, z_loss_coef=0.003)
+    weights = {k: v.float().double() for k, v in random_hf_weights(cfg, seed=900 + C).items()}
+    layer = CoELayer(cfg, D)
+    layer.load_hf_state_dict({k: v.float() for k, v in weights.items()})
+    assert layer.experts.use_grouped_mm, "D and F multiples of 8 in float32: the grouped path must be taken"
+    g = torch.Generator().manual_seed(901)
+    u = torch.randn(B, L, D, generator=g).double()
+    r_out = torch.randn(B, L, D, generator=g).double()
+
+    ref_w = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
+    ref_u = u.clone().requires_grad_(True)
+    ref_h, ref_aux, _ = reference_block(cfg, ref_w, ref_u)
+    ((ref_h * r_out).sum() + ref_aux).backward()
+
+    lay_u = u.float().requires_grad_(True)
+    h, aux = layer(lay_u)
+    ((h * r_out.float()).sum() + aux).backward()
+
+    eps = torch.finfo(torch.float32).eps
+    fwd_tol = C * 5 * (eps + math.sqrt(D) * eps)
+    assert rel_err(h.detach().double(), ref_h.detach()) < fwd_tol
+    assert abs(aux.item() - ref_aux.item()) < fwd_tol * abs(ref_aux.item())
+    got = {"input": lay_u.grad, **hf_grads(layer, cfg)}
+    ref = {"input": ref_u.grad, **{k: v.grad for k, v in ref_w.items()}}
+    for name, expected in ref.items():
+        expected = torch.zeros_like(ref_w.get(name, ref_u)) if expected is None else expected
+        err = rel_err(got[name].double(), expected, floor=1e-30)
+        assert err < 2 * fwd_tol, f"gradient w.r.t. {name}: relative error {err:.3g} >= {2 * fwd_tol:.3g}"
