@@ -4,7 +4,9 @@
     coe-dist preprocess --input FILES --tokenizer TOKENIZER --output PREFIX [--fields question,answer]
     coe-dist eval --checkpoint RUN_OR_CHECKPOINT_DIR
     coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
-    coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR
+    coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR [--format hf|reference]
+    coe-dist convert import --from-hf DIR --iterations C --output RUN_DIR | --from-reference DIR --output RUN_DIR
+    coe-dist train --config FILE --init-from RUN_OR_CHECKPOINT_DIR
     coe-dist bench comm --nproc 2 --grid configs/bench/ci.yaml | bench project --profile PROFILE --gpus 8,64
     coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--dry-run] [--wait] | status JOBID | cancel JOBID
 
@@ -34,6 +36,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.init_from:
+        from coe_dist.train.checkpoint import architecture_overrides
+
+        # The checkpoint's model and moe sections first: the weights decide the architecture; --set still wins.
+        args.overrides = [f"train.init_from={args.init_from}", *architecture_overrides(args.init_from),
+                          *args.overrides]
+        args.init_from = None
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1 and "RANK" not in os.environ:
         check_world(cfg, args.nproc)  # fail before starting any process
@@ -98,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="processes to start on this node (default 1)")
     train.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint in "
                        "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
+    train.add_argument("--init-from", metavar="PATH", help="start a new run (step 0, fresh optimizer) from the "
+                       "weights of a coe-dist checkpoint or run dir, e.g. one made by `coe-dist convert import`; "
+                       "its model and moe sections replace the config's (runtime keys such as moe.ep_size stay)")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)

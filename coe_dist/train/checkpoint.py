@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from coe_dist.config import RunConfig, config_from_dict
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
 from coe_dist.model import CoETransformer
@@ -46,7 +47,7 @@ def _zero_optimizer(engine, *, create_state: bool = False):
     under ZeRO 0. DeepSpeed links the fragments once, lazily, and may do so before torch's AdamW has
     created any state (then the links are empty): relink here. On resume the state does not exist yet;
     `create_state` makes it (zeros, overwritten by the checkpoint's values)."""
-    opt = engine.optimizer
+    opt = None if engine is None else engine.optimizer
     if not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         return None
     if create_state:
@@ -64,8 +65,8 @@ def _get_full(engine, zero, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
     """fp32 value and Adam moments of p, gathered over its ZeRO partition group (a collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if zero is None:  # ZeRO 0: plain torch optimizer on the module's parameters
-        state = engine.optimizer.state.get(p, {})
+    if zero is None:  # ZeRO 0: plain torch optimizer on the module's parameters; no engine: fresh moments
+        state = {} if engine is None else engine.optimizer.state.get(p, {})
         return {"param": p.detach().float().clone(),
                 **{k: state[k].detach().clone() if k in state else torch.zeros_like(p, dtype=torch.float32)
                    for k in MOMENTS}}
@@ -131,7 +132,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 # ------------------------------------------------------------------ save
 
 def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. `engine=None` (one process,
+    e.g. an imported model): weights with zero Adam moments."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step_{step}-{_shared_token(rank)}"
@@ -319,6 +321,45 @@ def load_weights(path: Path, model: CoETransformer) -> dict[str, Any]:
     for _name, p, full in _read_full_states(path, meta, model):
         p.copy_(full["param"].to(p.dtype))
     return meta
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory, or a run directory (its newest complete checkpoint), and its verified meta."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path, verify(path)
+    found, meta = newest_verified(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no meta.json) nor a run directory with "
+                                "checkpoints/step_*; pass e.g. runs/tiny or runs/tiny/checkpoints/step_150")
+    return found, meta
+
+
+def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, CoETransformer, Path]:
+    """The model of a checkpoint (or run directory) in this process, all experts local (ep_size 1)."""
+    ckpt, meta = resolve_checkpoint(path)
+    cfg = config_from_dict(meta["config"], [*overrides, "moe.ep_size=1"])
+    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+    # load_weights hashes the files again, right before reading them: trusting `meta` here would leave the
+    # files unwatched while the model is built.
+    load_weights(ckpt, model)
+    return cfg, model.eval(), ckpt
+
+
+# moe keys that describe how a run executes, not the weights: a run started from a checkpoint chooses them.
+RUNTIME_MOE_KEYS = ("ep_size", "expert_impl", "recompute", "overlap", "a2a_chunks")
+
+
+def architecture_overrides(path: str | Path) -> list[str]:
+    """`--set` strings giving a new run the model and moe sections of the checkpoint at `path` (the keys that
+    shape its weights); none for a directory that is not a coe-dist checkpoint or run."""
+    path = Path(path)
+    if not (path / "meta.json").is_file() and not (path / "checkpoints").is_dir():
+        return []
+    _, meta = resolve_checkpoint(path)
+    arch = {**{f"model.{k}": v for k, v in meta["config"]["model"].items()},
+            **{f"moe.{k}": v for k, v in meta["config"]["moe"].items() if k not in RUNTIME_MOE_KEYS}}
+    return [f"{key}={json.dumps(value)}" for key, value in arch.items()]
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:
