@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "<run_dir>/checkpoints (auto) or from a checkpoint directory; any expert-parallel layout")
     train.add_argument("--init-from", metavar="PATH", help="start a new run (step 0, fresh optimizer) from the "
                        "weights of a coe-dist checkpoint or run dir, e.g. one made by `coe-dist convert import`; "
-                       "its model and moe sections replace the config's (runtime keys such as moe.ep_size stay)")
+                       "its model and moe sections and data.tokenizer replace the config's (runtime keys "
+                       "such as moe.ep_size stay)")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)

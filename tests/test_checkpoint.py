@@ -205,8 +205,8 @@ def test_reference_layout_export_import_roundtrip(tmp_path, straight):
     import torch
 
     from coe_dist.cli import main
-    from coe_dist.train.reference_layout import import_reference
     from coe_dist.train.checkpoint import load_model
+    from coe_dist.train.reference_layout import import_reference
 
     out = tmp_path / "exported"
     assert main(["convert", "export", "--checkpoint", str(straight), "--output", str(out)]) == 0

@@ -351,14 +351,15 @@ RUNTIME_MOE_KEYS = ("ep_size", "expert_impl", "recompute", "overlap", "a2a_chunk
 
 
 def architecture_overrides(path: str | Path) -> list[str]:
-    """`--set` strings giving a new run the model and moe sections of the checkpoint at `path` (the keys that
-    shape its weights); none for a directory that is not a coe-dist checkpoint or run."""
+    """`--set` strings giving a new run the model and moe sections and the tokenizer of the checkpoint at `path`
+    (what its weights and token ids need); none for a directory that is not a coe-dist checkpoint or run."""
     path = Path(path)
     if not (path / "meta.json").is_file() and not (path / "checkpoints").is_dir():
         return []
     _, meta = resolve_checkpoint(path)
     arch = {**{f"model.{k}": v for k, v in meta["config"]["model"].items()},
-            **{f"moe.{k}": v for k, v in meta["config"]["moe"].items() if k not in RUNTIME_MOE_KEYS}}
+            **{f"moe.{k}": v for k, v in meta["config"]["moe"].items() if k not in RUNTIME_MOE_KEYS},
+            "data.tokenizer": meta["config"]["data"]["tokenizer"]}
     return [f"{key}={json.dumps(value)}" for key, value in arch.items()]
 
 
