@@ -56,6 +56,7 @@ def hf_config(cfg: RunConfig, eod: int | None) -> dict:
 def export_hf(cfg: RunConfig, model: CoETransformer, out_dir: Path) -> list[str]:
     """Write the directory; returns notes for the user (one line each), e.g. a dropped capacity factor."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").unlink(missing_ok=True)  # an older export's config must not bless new files
     tensors = {hf_name(name): p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     eod = None
@@ -65,9 +66,12 @@ def export_hf(cfg: RunConfig, model: CoETransformer, out_dir: Path) -> list[str]
         from coe_dist.data.tokenizer import ByteTokenizer
 
         eod = ByteTokenizer.eod
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, eod), indent=2))
     for name in MODELING_FILES:
         shutil.copyfile(MODELING_DIR / name, out_dir / name)
+    # Last: a directory an interrupted export left behind has no config.json, so transformers refuses it.
+    tmp = out_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(hf_config(cfg, eod), indent=2))
+    tmp.replace(out_dir / "config.json")
     notes = []
     if cfg.moe.capacity_factor is not None:
         notes.append(f"moe.capacity_factor={cfg.moe.capacity_factor}: the exported model routes dropless; its "
