@@ -16,6 +16,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from coe_dist.cli import main
@@ -26,16 +27,17 @@ from coe_dist.train.checkpoint import load_model
 
 from trainrun import run_train
 
-transformers = pytest.importorskip("transformers")  # in the dev extra: a missing install fails CI's set-up check
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add overhead
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, EXPERTS, WIDTH = 256, 32, 2, 4, 2, 4, 48
 
 
-def hf_moe(family: str, seed: int = 0):
+def hf_moe(family: str, seed: int = 0, tied: bool = False):
     """A tiny random transformers MoE of `family` with non-trivial norm weights (ones would hide a mix-up)."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                  num_key_value_heads=KV_HEADS, max_position_embeddings=128, num_experts_per_tok=2)
+                  num_key_value_heads=KV_HEADS, max_position_embeddings=128, num_experts_per_tok=2,
+                  tie_word_embeddings=tied)
     if family == "mixtral":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
             **common, num_local_experts=EXPERTS, intermediate_size=WIDTH))
@@ -100,19 +102,20 @@ def test_lenient_load_returns_missing_and_unexpected():
 
 # ----------------------------------------------------------------------------- import (upcycling)
 
-def _import(tmp_path, family: str, *args: str):
+def _import(tmp_path, family: str, *args: str, tied: bool = False):
     src = tmp_path / family
-    hf = hf_moe(family)
+    hf = hf_moe(family, tied=tied)
     hf.save_pretrained(src)
     out = tmp_path / f"{family}-coe"
     assert main(["convert", "import", "--from-hf", str(src), "--output", str(out), *args]) == 0
     return hf, out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "mixtral-tied"])
 def test_upcycled_moe_at_c1_equals_transformers(tmp_path, family):
-    hf, out = _import(tmp_path, family)
+    hf, out = _import(tmp_path, family.removesuffix("-tied"), tied=family.endswith("-tied"))
     cfg, ours, _ = load_model(out)
+    assert cfg.model.tie_embeddings == family.endswith("-tied")
     assert (cfg.moe.iterations, cfg.moe.top_k, cfg.moe.num_experts) == (1, 2, EXPERTS)
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -200,7 +203,12 @@ def run(tmp_path_factory):
 
 
 def test_init_from_starts_a_new_run_at_ep2_from_the_import(run):
+    from coe_dist.train import checkpoint
+
     _, imported, _ = load_model(run["imported"])
+    step_0 = run["imported"] / "checkpoints" / "step_0"
+    with pytest.raises(checkpoint.CheckpointError, match="--init-from"):  # an import is not a run to resume
+        checkpoint.load(step_0, imported, engine=None)
     cfg, trained, ckpt = load_model(run["run"])
     assert ckpt.name == "step_1" and cfg.moe.ep_size == 1 and cfg.moe.iterations == 2
     assert "a new run: step 0" in run["log"]
@@ -227,7 +235,7 @@ def test_hf_export_of_a_run_loads_with_its_tokenizer_and_matches_eval_and_genera
 
     from coe_dist.data.tokenizer import load_tokenizer
 
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # config.json has an auto_map
     prompt = "Tom has 3 apples and gets"
     ids = load_tokenizer(cfg.data.tokenizer).encode(prompt)
     assert tok(prompt)["input_ids"] == ids

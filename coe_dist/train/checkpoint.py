@@ -302,6 +302,9 @@ def load(path: Path, model: CoETransformer, engine, verified: dict[str, Any] | N
     skips hashing the (multi-GB) files again. Pass it only straight from there: what is read is what was
     verified only if nothing rewrote the files in between. Without it, load verifies them itself."""
     meta = verify(path) if verified is None else verified
+    if "imported_from" in meta:  # every rank reads the same meta: all refuse together
+        raise CheckpointError(f"{path}: written by `coe-dist convert import`, it has no training state to resume; "
+                              f"start a new run from it with coe-dist train --init-from {path}")
     opt_step = int(meta["optimizer_step"])
     zero = _zero_optimizer(engine, create_state=True)
     for _name, p, full in _read_full_states(path, meta, model):

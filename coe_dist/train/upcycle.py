@@ -131,6 +131,8 @@ def _fill_from_hf(model: CoETransformer, fam: Family, w: _Source, noise: float, 
     model.norm.weight.copy_(w.take("model.norm.weight"))
     if not model.config.tie_embeddings:
         model.lm_head.weight.copy_(w.take("lm_head.weight"))
+    elif "lm_head.weight" in w.tensors:  # some tied checkpoints store the shared matrix twice
+        w.take("lm_head.weight")
     gen = torch.Generator().manual_seed(seed)
     gate_name, up_name, down_name = fam.gate_up_down
     for i, layer in enumerate(model.layers):
