@@ -39,6 +39,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.init_from:
         from coe_dist.train.checkpoint import architecture_overrides
 
+        if not os.path.isdir(args.init_from):
+            raise ConfigError(f"--init-from {args.init_from}: no such directory; give a run or checkpoint directory "
+                              "(e.g. one written by coe-dist convert import) or a reference-layout export")
+
         # The checkpoint's model and moe sections first: the weights decide the architecture; --set still wins.
         args.overrides = [f"train.init_from={args.init_from}", *architecture_overrides(args.init_from),
                           *args.overrides]

@@ -142,6 +142,12 @@ def test_upcycled_routers_are_copies_with_noise(tmp_path):
                        saved["model.layers.1.block_sparse_moe.experts.2.w2.weight"])
 
 
+def test_init_from_a_missing_directory_fails_before_training(tmp_path, capsys):
+    assert main(["train", "--init-from", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--init-from" in err and "nowhere" in err and "\n" not in err
+
+
 def test_import_refuses_an_unknown_family_in_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["convert", "import", "--from-hf", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
