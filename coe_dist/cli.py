@@ -4,7 +4,9 @@
     coe-dist preprocess --input FILES --tokenizer TOKENIZER --output PREFIX [--fields question,answer]
     coe-dist eval --checkpoint RUN_OR_CHECKPOINT_DIR
     coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
-    coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR
+    coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR [--format hf|reference]
+    coe-dist convert import --from-hf DIR --iterations C --output RUN_DIR | --from-reference DIR --output RUN_DIR
+    coe-dist train --config FILE --init-from RUN_OR_CHECKPOINT_DIR
     coe-dist bench comm --nproc 2 --grid configs/bench/ci.yaml | bench project --profile PROFILE --gpus 8,64
     coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--check] [--dry-run] [--wait] | status | cancel
     coe-dist check --config FILE [--nproc P]      preflight of this machine for that config (first step on a cluster)
@@ -21,10 +23,21 @@ import sys
 
 from coe_dist.argtypes import OneLineParser, positive_int
 from coe_dist.cli_common import add_config_args, parse_and_run, spawn_torchrun
-from coe_dist.config import check_world, expand_path, load_config
+from coe_dist.config import ConfigError, check_world, expand_path, load_config
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.init_from:
+        from coe_dist.train.checkpoint import architecture_overrides
+
+        if not os.path.isdir(args.init_from):
+            raise ConfigError(f"--init-from {args.init_from}: no such directory; give a run or checkpoint directory "
+                              "(e.g. one written by coe-dist convert import) or a reference-layout export")
+
+        # The checkpoint's model and moe sections first: the weights decide the architecture; --set still wins.
+        args.overrides = [f"train.init_from={args.init_from}", *architecture_overrides(args.init_from),
+                          *args.overrides]
+        args.init_from = None
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1:
         check_world(cfg, args.nproc)  # fail before starting any process
@@ -91,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="start afresh in a log.run_dir that holds an earlier run's checkpoints, deleting them "
                             "(and its metrics, TensorBoard events and samples); without it such a start is refused")
+    train.add_argument("--init-from", metavar="PATH", type=expand_path,
+                       help="start a new run (step 0, fresh optimizer) from the weights of a coe-dist checkpoint or "
+                            "run dir, e.g. one made by `coe-dist convert import`; its model and moe sections and "
+                            "data.tokenizer replace the config's (runtime keys such as moe.ep_size stay)")
     # SUPPRESS: without it this default would overwrite a `coe-dist --debug train ...` given before.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)

@@ -45,6 +45,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Keys an imported Hugging Face MoE needs (coe-dist convert import); the defaults are the original model.
+    num_kv_heads: int | None = None  # grouped-query attention: key/value heads (None = num_heads)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE)
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections before RoPE (OLMoE)
+    tie_embeddings: bool = False  # the LM head reuses the embedding matrix
 
 
 @dataclass(kw_only=True)
@@ -54,6 +59,8 @@ class MoEConfig:
     iterations: int = 2  # C
     num_shared_experts: int = 1  # S
     expert_hidden_size: int = 128  # f
+    shared_expert_hidden_size: int | None = None  # width of the shared SwiGLU (None = S * f; Qwen2-MoE sets it)
+    shared_expert_gate: bool = False  # scale the shared experts by sigmoid(w . h) per token (Qwen2-MoE)
     inner_residual: bool = True
     outer_residual: bool = False
     independent_gating: bool = True
@@ -113,7 +120,9 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 | fp32
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    init_from: str | None = None  # reference-layout CoE weights to start from (`coe-dist convert export`)
+    # A new run starts from these weights: a coe-dist checkpoint or run dir (`coe-dist train --init-from`, e.g.
+    # an import) or a reference-layout directory (its CoE blocks only; `coe-dist convert export`).
+    init_from: str | None = None
     nan_policy: str = "stop"  # non-finite loss or gradients: stop (save the last good state, exit 1) | skip
     max_consecutive_nan: int = 5  # skip: stop after this many skipped steps in a row
 
@@ -340,6 +349,9 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
     _positive("moe", moe, "num_experts", "top_k", "expert_hidden_size", "ep_size")
     _check(moe.iterations >= 1, f"moe.iterations={moe.iterations}: must be >= 1 (1 = plain MoE)")
     _check(moe.num_shared_experts >= 0, f"moe.num_shared_experts={moe.num_shared_experts}: must be >= 0")
+    _check(moe.shared_expert_hidden_size is None or (moe.num_shared_experts and moe.shared_expert_hidden_size > 0),
+           f"moe.shared_expert_hidden_size={moe.shared_expert_hidden_size}: must be > 0 with num_shared_experts >= 1, "
+           "or null for num_shared_experts * expert_hidden_size")
     _check(moe.top_k <= moe.num_experts,
            f"moe.top_k={moe.top_k} > moe.num_experts={moe.num_experts}: pick at most num_experts experts")
     _check(moe.num_experts % moe.ep_size == 0,
@@ -383,6 +395,9 @@ def validate(cfg: RunConfig) -> None:
     _check(m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
            "choose num_heads dividing hidden_size")
+    kv_heads = m.num_heads if m.num_kv_heads is None else m.num_kv_heads
+    _check(kv_heads > 0 and m.num_heads % kv_heads == 0,
+           f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads={m.num_heads} (null = num_heads)")
     _check((m.hidden_size // m.num_heads) % 2 == 0,
            f"model.hidden_size/num_heads={m.hidden_size // m.num_heads}: RoPE needs an even head size")
     _check(0 <= m.first_k_dense <= m.num_layers,

@@ -162,7 +162,7 @@ def test_crafted_checkpoint_is_refused(tmp_path, straight):
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"]["dense.pt"] = checkpoint._sha256(evil)  # the attacker also fixes the checksum
     (ckpt / "meta.json").write_text(json.dumps(meta))
-    from coe_dist.train.inference import load_model
+    from coe_dist.train.checkpoint import load_model
 
     with pytest.raises(pickle.UnpicklingError):
         load_model(ckpt)
@@ -242,8 +242,8 @@ def test_reference_layout_export_import_roundtrip(tmp_path, straight):
     import torch
 
     from coe_dist.cli import main
-    from coe_dist.train.convert import import_reference
-    from coe_dist.train.inference import load_model
+    from coe_dist.train.checkpoint import load_model
+    from coe_dist.train.reference_layout import import_reference
 
     out = tmp_path / "exported"
     assert main(["convert", "export", "--checkpoint", str(straight), "--output", str(out)]) == 0

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from coe_dist.config import MoEConfig, validate_moe
+from coe_dist.errors import UserError
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
 from coe_dist.model.router import GateRule, Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
@@ -32,6 +33,13 @@ def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
     group = expert_parallel_group(config.ep_size, config.num_experts)
     return AllToAllDispatcher(config.num_experts, group, config.capacity_factor, layer=layer,
                               chunks=config.a2a_chunks, overlap=config.overlap)
+
+
+class StateDictMismatch(UserError, KeyError):
+    """Weights whose keys do not fit the layer: the message names the missing and the unexpected keys."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class CoELayer(nn.Module):
@@ -61,8 +69,11 @@ class CoELayer(nn.Module):
         self.first_expert = ep_rank * self.num_local_experts
         self.experts = GroupedExperts(self.num_local_experts, hidden_size, config.expert_hidden_size,
                                       impl=config.expert_impl)
-        self.shared_experts = (SwiGLU(hidden_size, config.num_shared_experts * config.expert_hidden_size)
-                               if config.num_shared_experts else None)
+        shared_width = config.shared_expert_hidden_size or config.num_shared_experts * config.expert_hidden_size
+        self.shared_experts = SwiGLU(hidden_size, shared_width) if config.num_shared_experts else None
+        # Qwen2-MoE's shared-expert gate: the shared output is scaled by sigmoid(w . h) per token.
+        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False)
+                                   if config.num_shared_experts and config.shared_expert_gate else None)
         # Set by the trainer on logging steps: the next forward records routing statistics (no collectives).
         self.record_routing = False
         self.routing_record: dict[str, object] = {}
@@ -86,6 +97,8 @@ class CoELayer(nn.Module):
         if self.shared_experts is not None:
             for i, lin in enumerate(self.shared_experts.children()):
                 normal_(lin.weight, 3, i)
+        if self.shared_expert_gate is not None:
+            normal_(self.shared_expert_gate.weight, 4, 0)
 
     # ------------------------------------------------------------------ forward
 
@@ -129,16 +142,22 @@ class CoELayer(nn.Module):
             # outside the recomputed part, as before overlap existed: kept, not recomputed, not overlapped.
             y_TD = checkpoint(self._routed_experts_raw, h_TD, routing.weights_TK, routing.experts_TK, iteration,
                               False, use_reentrant=False)
-            return y_TD if self.shared_experts is None else y_TD + self.shared_experts(h_TD)
+            return y_TD if self.shared_experts is None else y_TD + self._shared(h_TD)
         return self._routed_experts_raw(h_TD, routing.weights_TK, routing.experts_TK, iteration, True)
+
+    def _shared(self, h_TD: torch.Tensor) -> torch.Tensor:
+        y_TD = self.shared_experts(h_TD)
+        if self.shared_expert_gate is None:
+            return y_TD
+        return torch.sigmoid(self.shared_expert_gate(h_TD)) * y_TD
 
     def _routed_experts_raw(self, h_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor,
                             iteration: int, with_shared: bool) -> torch.Tensor:
         """permute -> all-to-all -> experts -> all-to-all -> unpermute, weighted sum (+ shared experts): the
         dispatcher schedules the expert calls around its all-to-alls."""
-        shared = self.shared_experts if with_shared else None
+        shared = with_shared and self.shared_experts is not None
         return self.dispatcher.run(h_TD, weights_TK, experts_TK, iteration, _compute_dtype(h_TD), self.experts,
-                                   None if shared is None else partial(shared, h_TD))
+                                   partial(self._shared, h_TD) if shared else None)
 
     def _router_loss(self, routing: Routing, batch: int) -> torch.Tensor:
         cfg = self.config
@@ -166,26 +185,11 @@ class CoELayer(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the reference `CoeMoE` names; with ep_size > 1 only this rank's experts."""
-        f = self.config.expert_hidden_size
-        sd: dict[str, torch.Tensor] = {}
-        if self.config.independent_gating:
-            for t, router in enumerate(self.routers):
-                sd[f"gate.{t}.weight"] = router.weight.detach().clone()
-        else:
-            sd["gate.weight"] = self.routers[0].weight.detach().clone()
-        for e in range(self.num_local_experts):
-            i = self.first_expert + e
-            w13 = self.experts.w_gate_up_E2FD[e].detach()
-            sd[f"experts.{i}.gate_proj.weight"] = w13[:f].clone()
-            sd[f"experts.{i}.up_proj.weight"] = w13[f:].clone()
-            sd[f"experts.{i}.down_proj.weight"] = self.experts.w_down_EDF[e].detach().clone()
-        if self.shared_experts is not None:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                sd[f"shared_experts.{name}.weight"] = getattr(self.shared_experts, name).weight.detach().clone()
-        return sd
+        return {name: dest.detach().clone() for name, dest in self._hf_targets().items()}
 
-    def _hf_targets(self) -> dict[str, torch.Tensor]:
-        """Reference name -> (destination parameter view) for the parameters this rank holds."""
+    def _hf_targets(self, expert_ids: range | None = None) -> dict[str, torch.Tensor]:
+        """Reference name -> destination parameter (or view) for the parameters this rank holds; with
+        `expert_ids`, the names of those routed experts instead of this rank's (values then unused)."""
         f = self.config.expert_hidden_size
         targets: dict[str, torch.Tensor] = {}
         if self.config.independent_gating:
@@ -193,28 +197,41 @@ class CoELayer(nn.Module):
                 targets[f"gate.{t}.weight"] = router.weight
         else:
             targets["gate.weight"] = self.routers[0].weight
-        for e in range(self.num_local_experts):
-            i = self.first_expert + e
+        local = range(self.first_expert, self.first_expert + self.num_local_experts)
+        for i in local if expert_ids is None else expert_ids:
+            e = (i - self.first_expert) if i in local else 0
             targets[f"experts.{i}.gate_proj.weight"] = self.experts.w_gate_up_E2FD[e, :f]
             targets[f"experts.{i}.up_proj.weight"] = self.experts.w_gate_up_E2FD[e, f:]
             targets[f"experts.{i}.down_proj.weight"] = self.experts.w_down_EDF[e]
         if self.shared_experts is not None:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 targets[f"shared_experts.{name}.weight"] = getattr(self.shared_experts, name).weight
+        if self.shared_expert_gate is not None:
+            targets["shared_expert_gate.weight"] = self.shared_expert_gate.weight
         return targets
 
     @torch.no_grad()
-    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load reference-layout weights. A full dict is accepted with ep_size > 1: this rank keeps its
-        own experts. Missing or mis-shaped keys raise KeyError/ValueError naming the key."""
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> tuple[list[str], list[str]]:
+        """Load reference-layout weights; returns (missing, unexpected) key lists, as torch's load_state_dict.
+
+        A full dict is accepted with ep_size > 1: this rank keeps its own experts, the other ranks' experts
+        are neither missing nor unexpected. `strict` (default): a missing or unexpected key (a C=3 dict into a
+        C=2 layer, an S=1 dict into an S=0 layer) raises StateDictMismatch naming them, before any copy.
+        A mis-shaped key always raises ValueError naming it."""
         targets = self._hf_targets()
+        known = set(self._hf_targets(range(self.config.num_experts)))
+        missing = sorted(name for name in targets if name not in sd)
+        unexpected = sorted(name for name in sd if name not in known)
+        if strict and (missing or unexpected):
+            raise StateDictMismatch(f"reference state dict does not fit CoE layer {self.layer}: missing "
+                                    f"{missing or 'none'}, unexpected {unexpected or 'none'}; the weights were "
+                                    "saved for another moe config (iterations, independent_gating, "
+                                    "num_shared_experts, num_experts)")
         for name, dest in targets.items():
-            if name not in sd:
-                raise KeyError(f"reference state dict has no '{name}' (layer {self.layer}); "
-                               f"expected keys like {sorted(targets)[:3]}")
-            src = sd[name]
-            if tuple(src.shape) != tuple(dest.shape):
-                raise ValueError(f"reference state dict key '{name}' has shape {list(src.shape)}, "
+            if name in sd and tuple(sd[name].shape) != tuple(dest.shape):
+                raise ValueError(f"reference state dict key '{name}' has shape {list(sd[name].shape)}, "
                                  f"expected {list(dest.shape)} for this config")
         for name, dest in targets.items():
-            dest.copy_(sd[name])
+            if name in sd:
+                dest.copy_(sd[name])
+        return missing, unexpected

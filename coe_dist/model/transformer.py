@@ -1,9 +1,11 @@
 """Decoder-only language model with CoE blocks (DeepSeek-V2 style, as in the CoE paper).
 
     tokens -> embed -> [ x += Attn(RMSNorm(x));  x = CoE(RMSNorm(x)) (+ x if outer_residual) ] x layers
-           -> RMSNorm -> untied LM head -> cross-entropy + sum of router losses
+           -> RMSNorm -> LM head (untied unless model.tie_embeddings) -> cross-entropy + sum of router losses
 
 The first `first_k_dense` layers use a dense SwiGLU FFN with the usual residual instead of the CoE block.
+Imported Hugging Face MoEs add grouped-query attention, q/k/v biases, QK-norm and tied embeddings, each a
+`model.*` key whose default leaves the original model unchanged (docs/models.md).
 Shape legend: B = batch, L = sequence, D = hidden, H = heads, Dh = head size, V = vocab.
 """
 
@@ -48,21 +50,40 @@ def apply_rope(x_BHLDh: torch.Tensor, cos_LF: torch.Tensor, sin_LF: torch.Tensor
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE; grouped-query when model.num_kv_heads < num_heads (each key/value head
+    serves num_heads/num_kv_heads consecutive query heads, as in LLaMA/Mixtral). One fused projection holds
+    [q; k; v]: Hq*Dh + 2*Hkv*Dh rows."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        # OLMoE's QK-norm: one RMSNorm over all heads' q (and k) before RoPE.
+        self.q_norm = RMSNorm(q_size, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(kv_size, cfg.norm_eps) if cfg.qk_norm else None
+        cos, sin = rope_tables(cfg.max_seq_len, self.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         B, L, D = x_BLD.shape
-        q, k, v = self.qkv_proj(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if Hkv == H and self.q_norm is None:  # the original layout: one view, no copies
+            q, k, v = self.qkv_proj(x_BLD).view(B, L, 3, H, Dh).unbind(2)
+        else:
+            q, k, v = self.qkv_proj(x_BLD).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+            q, k, v = q.view(B, L, H, Dh), k.view(B, L, Hkv, Dh), v.view(B, L, Hkv, Dh)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
         q = apply_rope(q, self.rope_cos, self.rope_sin)
         k = apply_rope(k, self.rope_cos, self.rope_sin)
+        if Hkv != H:
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, D))
 
@@ -106,6 +127,8 @@ class CoETransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, moe, i, seed) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self._init_dense(seed)
 
     @torch.no_grad()

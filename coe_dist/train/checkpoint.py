@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from coe_dist.atomic_file import fsync_dir, write_atomic
-from coe_dist.config import ConfigError, RunConfig
+from coe_dist.config import ConfigError, RunConfig, config_from_dict
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
 from coe_dist.model import CoETransformer
@@ -52,7 +52,7 @@ def _zero_optimizer(engine, *, create_state: bool = False):
     under ZeRO 0. DeepSpeed links the fragments once, lazily, and may do so before torch's AdamW has
     created any state (then the links are empty): relink here. On resume the state does not exist yet;
     `create_state` makes it (zeros, overwritten by the checkpoint's values)."""
-    opt = engine.optimizer
+    opt = None if engine is None else engine.optimizer
     if not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
         return None
     if create_state:
@@ -70,8 +70,8 @@ def _get_full(engine, zero, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
     """fp32 value and Adam moments of p, gathered over its ZeRO partition group (a collective)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if zero is None:  # ZeRO 0: plain torch optimizer on the module's parameters
-        state = engine.optimizer.state.get(p, {})
+    if zero is None:  # ZeRO 0: plain torch optimizer on the module's parameters; no engine: fresh moments
+        state = {} if engine is None else engine.optimizer.state.get(p, {})
         return {"param": p.detach().float().clone(),
                 **{k: state[k].detach().clone() if k in state else torch.zeros_like(p, dtype=torch.float32)
                    for k in MOMENTS}}
@@ -134,7 +134,8 @@ def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[st
     All ranks agree on the outcome: when any rank cannot write its file (a full disk: OSError, or the
     RuntimeError torch's serializer raises instead), or holds non-finite values, or rank 0 cannot finish,
     the partial copy is removed, `latest` and the older checkpoints stay as they were, and every rank
-    raises the same CheckpointError."""
+    raises the same CheckpointError. `engine=None` (one process, e.g. an imported model): weights
+    with zero Adam moments."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     root = run_dir / "checkpoints"
     tmp = root / f".tmp-step_{step}-{_shared_token(rank)}"
@@ -403,6 +404,9 @@ def load(path: Path, model: CoETransformer, engine, verified: dict[str, Any] | N
     skips hashing the (multi-GB) files again. Pass it only straight from there: what is read is what was
     verified only if nothing rewrote the files in between. Without it, load verifies them itself."""
     meta = verify(path) if verified is None else verified
+    if "imported_from" in meta:  # every rank reads the same meta: all refuse together
+        raise CheckpointError(f"{path}: written by `coe-dist convert import`, it has no training state to resume; "
+                              f"start a new run from it with coe-dist train --init-from {path}")
     opt_step = int(meta["optimizer_step"])
     zero = _zero_optimizer(engine, create_state=True)
     dense = _read_dense(path)
@@ -430,6 +434,46 @@ def load_weights(path: Path, model: CoETransformer) -> dict[str, Any]:
 
 def _read_dense(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path / "dense.pt", map_location="cpu", weights_only=True)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory, or a run directory (its newest complete checkpoint), and its verified meta."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path, verify(path)
+    found, meta = newest_verified(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no meta.json) nor a run directory with "
+                                "checkpoints/step_*; pass e.g. runs/tiny or runs/tiny/checkpoints/step_150")
+    return found, meta
+
+
+def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, CoETransformer, Path]:
+    """The model of a checkpoint (or run directory) in this process, all experts local (ep_size 1)."""
+    ckpt, meta = resolve_checkpoint(path)
+    cfg = config_from_dict(meta["config"], [*overrides, "moe.ep_size=1"])
+    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+    # load_weights hashes the files again, right before reading them: trusting `meta` here would leave the
+    # files unwatched while the model is built.
+    load_weights(ckpt, model)
+    return cfg, model.eval(), ckpt
+
+
+# moe keys that describe how a run executes, not the weights: a run started from a checkpoint chooses them.
+RUNTIME_MOE_KEYS = ("ep_size", "expert_impl", "recompute", "overlap", "a2a_chunks")
+
+
+def architecture_overrides(path: str | Path) -> list[str]:
+    """`--set` strings giving a new run the model and moe sections and the tokenizer of the checkpoint at `path`
+    (what its weights and token ids need); none for a directory that is not a coe-dist checkpoint or run."""
+    path = Path(path)
+    if not (path / "meta.json").is_file() and not (path / "checkpoints").is_dir():
+        return []
+    _, meta = resolve_checkpoint(path)
+    arch = {**{f"model.{k}": v for k, v in meta["config"]["model"].items()},
+            **{f"moe.{k}": v for k, v in meta["config"]["moe"].items() if k not in RUNTIME_MOE_KEYS},
+            "data.tokenizer": meta["config"]["data"]["tokenizer"]}
+    return [f"{key}={json.dumps(value)}" for key, value in arch.items()]
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:

@@ -12,37 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from coe_dist.argtypes import positive_int
-from coe_dist.config import ConfigError, RunConfig, config_from_dict, expand_path
+from coe_dist.config import ConfigError, expand_path
 from coe_dist.model import CoETransformer
-from coe_dist.train import checkpoint
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """A checkpoint directory, or a run directory (its newest complete checkpoint), and its verified meta."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path, checkpoint.verify(path)
-    found, meta = checkpoint.newest_verified(path)
-    if found is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no meta.json) nor a run directory with "
-                                "checkpoints/step_*; pass e.g. runs/tiny or runs/tiny/checkpoints/step_150")
-    return found, meta
-
-
-def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, CoETransformer, Path]:
-    ckpt, meta = resolve_checkpoint(path)
-    cfg = config_from_dict(meta["config"], [*overrides, "moe.ep_size=1"])
-    model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
-    # load_weights hashes the files again, right before reading them: trusting `meta` here would leave the
-    # files unwatched while the model is built.
-    checkpoint.load_weights(ckpt, model)
-    return cfg, model.eval(), ckpt
+from coe_dist.train.checkpoint import load_model
 
 
 def _eval(args: argparse.Namespace) -> int:

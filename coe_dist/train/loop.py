@@ -160,10 +160,7 @@ def _train_locked(cfg, penv, resume, startup_notes, dp_size, run_dir, device) ->
         data = build_data(cfg, dp_rank=penv.rank, dp_size=penv.world_size, barrier=dist.barrier)
         model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
         if cfg.train.init_from:
-            from coe_dist.train.convert import import_reference
-
-            n = import_reference(model, cfg.moe, Path(cfg.train.init_from))
-            say(penv, f"coe-dist: CoE weights of {n} layers from {cfg.train.init_from}")
+            say(penv, f"coe-dist: {_init_weights(model, cfg)}")
         engine = build_engine(model.to(device), cfg, penv.world_size)
         # DeepSpeed made the expert groups without a timeout (torch's default: 30 minutes): give them ours.
         guards.set_group_timeouts(cfg.parallel.timeout_s)
@@ -205,6 +202,20 @@ def _disk_failure(e: BaseException, run_dir: Path) -> rundir.RunDirError | None:
     what = e.filename or f"into log.run_dir={str(run_dir)!r}"
     return rundir.RunDirError(f"could not write {what}: {e.strerror}: free space (or point log.run_dir "
                               "elsewhere) and resume with --resume auto; the saved checkpoints are intact")
+
+
+def _init_weights(model: CoETransformer, cfg: RunConfig) -> str:
+    """train.init_from: the weights of a coe-dist checkpoint (any layout; a new run: step 0, fresh optimizer),
+    or the CoE blocks of a reference-layout directory. Returns what was loaded, for the log."""
+    src = Path(cfg.train.init_from)
+    if (src / "meta.json").is_file() or (src / "checkpoints").is_dir():
+        ckpt, _ = checkpoint.resolve_checkpoint(src)
+        checkpoint.load_weights(ckpt, model)
+        return f"weights from {ckpt} (a new run: step 0, fresh optimizer state)"
+    from coe_dist.train.reference_layout import import_reference
+
+    return f"CoE weights of {import_reference(model, cfg.moe, src)} layers from {src}"
+
 
 
 def _warn_shared_store(penv: ProcessEnv) -> None:
