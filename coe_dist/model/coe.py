@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from coe_dist.config import MoEConfig, validate_moe
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
 from coe_dist.model.router import Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
+from coe_dist.parallel.dedup import DedupAllToAllDispatcher
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
 
 
@@ -30,8 +31,9 @@ def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
     from coe_dist.parallel.groups import expert_parallel_group
 
     group = expert_parallel_group(config.ep_size, config.num_experts)
-    return AllToAllDispatcher(config.num_experts, group, config.capacity_factor, layer=layer,
-                              chunks=config.a2a_chunks, overlap=config.overlap)
+    kind = DedupAllToAllDispatcher if config.dispatch == "dedup" else AllToAllDispatcher
+    return kind(config.num_experts, group, config.capacity_factor, layer=layer, chunks=config.a2a_chunks,
+                overlap=config.overlap, fp8=config.dispatch_dtype == "fp8")
 
 
 class CoELayer(nn.Module):
