@@ -37,7 +37,8 @@ MODES = {"copies": ("copies", "bf16"), "dedup": ("dedup", "bf16"), "dedup+fp8": 
 def uniform_router(router, seed: int) -> None:
     """Replace the router's top-k by K experts drawn uniformly per token (seeded); gates stay its softmax."""
     def forward(self, h_TD):
-        logits_TN = torch.nn.functional.linear(h_TD.float(), self.weight.float())
+        with torch.autocast(h_TD.device.type, enabled=False):  # float32 gates, as `Router`
+            logits_TN = torch.nn.functional.linear(h_TD.float(), self.weight.float())
         probs_TN = logits_TN.softmax(dim=-1)
         g = torch.Generator().manual_seed(seed)
         experts_TK = torch.rand(h_TD.shape[0], self.weight.shape[0], generator=g).topk(self.top_k, dim=-1).indices
@@ -53,7 +54,7 @@ def measure(model: str, P: int, mode: str, args, rank: int) -> dict[str, float]:
     layer = CoELayer(cfg, args.hidden)
     for t, router in enumerate(layer.routers):
         uniform_router(router, seed=1000 * rank + t)
-    u = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
+    u = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, aux = layer(u)
     (out.float().square().mean() + aux).backward()

@@ -21,9 +21,9 @@ on sequences [r*B/W, (r+1)*B/W). Comparisons:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -314,7 +314,6 @@ def _expected_records(case: Case, ref: dict) -> list[dict]:
     row_bytes = D * case.dtype.itemsize  # combine, and the gradients in backward
     dispatch_bytes = D + 4 if case.fp8 else row_bytes  # fp8: e4m3 values + a float32 scale
     slot_bytes = 2 * min(case.K, E) * case.dtype.itemsize if case.dedup else 0  # gate and id per slot
-    calls = 2 if case.dedup else 1  # dedup: rows and slots
     expected = [{} for _ in range(case.world)]
     for t in range(case.C):
         rows = _kept_rows(case, ref, t)
@@ -323,9 +322,9 @@ def _expected_records(case: Case, ref: dict) -> list[dict]:
             sent = int(rows[rank].sum() - rows[rank][q])
             recv = sum(int(rows[s][q]) for s in range(first, first + P) if s != rank)
             expected[rank].update({
-                (t, "dispatch_fwd"): (calls, sent * (dispatch_bytes + slot_bytes), recv * (dispatch_bytes + slot_bytes)),
+                (t, "dispatch_fwd"): (1, sent * (dispatch_bytes + slot_bytes), recv * (dispatch_bytes + slot_bytes)),
                 (t, "combine_fwd"): (1, recv * row_bytes, sent * row_bytes),
-                (t, "dispatch_bwd"): (calls, recv * (row_bytes + slot_bytes), sent * (row_bytes + slot_bytes)),
+                (t, "dispatch_bwd"): (1, recv * (row_bytes + slot_bytes), sent * (row_bytes + slot_bytes)),
                 (t, "combine_bwd"): (1, sent * row_bytes, recv * row_bytes)})
     return expected
 
@@ -387,8 +386,8 @@ def test_dedup_bytes_hand_counted(world2, world4):
     # rank 1 (two copies in it); rank 1 picks {4,5,6,7}: all local.
     ranks = world2["bytes_w2_ep2_K4_dedup"]["ranks"]
     row, slots = D * 4, 2 * 4 * 4
-    assert ranks[0]["records"][(0, "dispatch_fwd")] == (2, 16 * (row + slots), 0)
-    assert ranks[1]["records"][(1, "dispatch_fwd")] == (2, 0, 16 * (row + slots))
+    assert ranks[0]["records"][(0, "dispatch_fwd")] == (1, 16 * (row + slots), 0)  # slots ride in the rows' call
+    assert ranks[1]["records"][(1, "dispatch_fwd")] == (1, 0, 16 * (row + slots))
     assert ranks[0]["records"][(1, "combine_fwd")] == (1, 0, 16 * row)
     # ep 4 (rank q: experts 2q, 2q+1), K=4, S=2: every rank picks {0,1,2,4} = ranks {0, 1, 2}. Rows to other
     # ranks per token: rank 0 -> {1,2}, rank 1 -> {0,2}, rank 2 -> {0,1}, rank 3 -> {0,1,2}: 2, 2, 2, 3
@@ -396,7 +395,7 @@ def test_dedup_bytes_hand_counted(world2, world4):
     ranks, row, slots = world4["bytes_w4_ep4_K4_dedup"]["ranks"], D * 4, 2 * 2 * 4
     for rank, (sent, received) in enumerate([(2, 3), (2, 3), (2, 3), (3, 0)]):
         for t in range(2):
-            assert ranks[rank]["records"][(t, "dispatch_fwd")] == (2, 8 * sent * (row + slots),
+            assert ranks[rank]["records"][(t, "dispatch_fwd")] == (1, 8 * sent * (row + slots),
                                                                    8 * received * (row + slots)), rank
             assert ranks[rank]["records"][(t, "combine_fwd")] == (1, 8 * received * row, 8 * sent * row), rank
     for res in (world2["bytes_w2_ep2_K4_dedup"], world4["bytes_w4_ep4_K4_dedup"]):

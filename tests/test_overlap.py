@@ -92,13 +92,13 @@ def one_rank(monkeypatch):
     events: list[str] = []
     start, wait = dispatch._InFlight.start, dispatch._InFlight.wait
 
-    def logged_start(self, x, phase):
-        events.append(f"issue {self.direction} {phase} {x.shape[0]}")
-        return start(self, x, phase)
+    def logged_start(self, xs, phase):
+        events.append(f"issue {self.direction} {phase} {xs[0].shape[0]}")
+        return start(self, xs, phase)
 
-    def logged_wait(self, out, phase):
-        events.append(f"wait {self.direction} {phase} {out.shape[0]}")
-        return wait(self, out, phase)
+    def logged_wait(self, outs, phase):
+        events.append(f"wait {self.direction} {phase} {outs[0].shape[0]}")
+        return wait(self, outs, phase)
 
     monkeypatch.setattr(dispatch._InFlight, "start", logged_start)
     monkeypatch.setattr(dispatch._InFlight, "wait", logged_wait)

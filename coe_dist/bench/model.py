@@ -14,8 +14,8 @@ per node):
 Data all-to-all bytes (`Workload.a2a_bytes`): rows x row bytes x (P-1)/P, per token:
     moe.dispatch copies: K rows each way (one per token copy)
     moe.dispatch dedup:  k rows each way, k = P * (1 - C(N - N/P, K) / C(N, K)) the expected distinct ranks
-                         among a token's K experts under uniform routing (K=4 of N=64 on P=8: 3.38); the
-                         dispatch adds a second call of min(K, N/P) slots x 8 bytes (gate, local expert id)
+                         among a token's K experts under uniform routing (K=4 of N=64 on P=8: 3.38); each
+                         dispatch row carries min(K, N/P) slots x 8 bytes (gate, local expert id)
     moe.dispatch_dtype fp8: forward dispatch rows of d + 4 bytes (e4m3 + a float32 scale); the rest unchanged
 
 Count exchange: one all-to-all of E + 1 int64 per peer (the per-expert counts and the sender's total), plus
@@ -289,16 +289,17 @@ class Workload:
 
     def a2a_bytes(self, phase: str, direction: str) -> float:
         """Bytes one rank sends to other ranks in one data all-to-all (dispatch | combine, fwd | bwd), the
-        busiest rank under imbalance; `slot_bytes` adds dedup's second dispatch call."""
+        busiest rank under imbalance; dedup's dispatch carries `slot_bytes` more in the same call."""
         P = self.ep_size
         row = self.hidden * self.wire_bytes
         if (phase, direction, self.dispatch_dtype) == ("dispatch", "fwd", "fp8"):
             row = self.hidden + FP8_SCALE_BYTES
-        return self.tokens * self.rows_per_token * (P - 1) / P * row * self.imbalance
+        slots = self.slot_bytes if phase == "dispatch" else 0.0
+        return self.tokens * self.rows_per_token * (P - 1) / P * row * self.imbalance + slots
 
     @property
     def slot_bytes(self) -> float:
-        """dedup: bytes of the rows' (gate, local expert) slots sent with each dispatch, forward or backward."""
+        """dedup: bytes of the rows' (gate, local expert) slots in each dispatch, forward or backward."""
         if self.dispatch != "dedup":
             return 0.0
         P, slots = self.ep_size, min(self.top_k, self.local_experts)
@@ -306,9 +307,9 @@ class Workload:
 
     @property
     def bytes_per_step(self) -> float:
-        """All-to-all bytes one rank sends per step: 4 data calls (+ 2 slot calls) per layer-iteration."""
-        calls = sum(self.a2a_bytes(p, d) for p in ("dispatch", "combine") for d in ("fwd", "bwd"))
-        return self.iterations * self.layers * (calls + 2 * self.slot_bytes)
+        """All-to-all bytes one rank sends per step: 4 data calls per layer-iteration."""
+        return self.iterations * self.layers * sum(self.a2a_bytes(p, d) for p in ("dispatch", "combine")
+                                                   for d in ("fwd", "bwd"))
 
     def units(self, phase: str, direction: str) -> float:
         T, K, N, d, f = self.tokens, self.top_k, self.num_experts, self.hidden, self.expert_hidden
@@ -383,8 +384,6 @@ def predict_iteration(profile: Profile, w: Workload, oversubscription: float | N
         elif phase in ("dispatch", "combine"):
             t = 0.0 if P <= 1 else a2a_time(profile, P, w.a2a_bytes(phase, direction), rpn) + _overhead(
                 profile, key, P - 1)
-            if phase == "dispatch" and w.slot_bytes and P > 1:  # dedup's slots: a second call
-                t += a2a_time(profile, P, w.slot_bytes, rpn)
         else:
             t = profile.phase(key, w.dtype).time(w.units(phase, direction), w.units2(phase))
         out[key] = t * over

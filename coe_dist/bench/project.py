@@ -94,7 +94,7 @@ def project(profile: Profile, models: list[RunConfig], gpus: list[int], *, ep_mo
                 "nodes_per_ep_group": math.ceil(P / profile.ranks_per_node), "tokens_per_gpu": T,
                 "step_ms": step * 1e3, "moe_layers_ms": (step - extra) * 1e3, "dense_ms": extra * 1e3,
                 "a2a_ms": pred["comm_s"] * 1e3, "a2a_share": pred["comm_share"],
-                "a2a_rounds_per_step": (5 + 2 * (w.dispatch == "dedup")) * w.iterations * w.layers if P > 1 else 0,
+                "a2a_rounds_per_step": 5 * w.iterations * w.layers if P > 1 else 0,
                 "a2a_mib_per_step": w.bytes_per_step / 2 ** 20,
                 "tokens_per_s": G * T / step, "tokens_per_s_per_gpu": T / step,
                 "phases_ms": {k: v * 1e3 for k, v in pred["phases"].items()},

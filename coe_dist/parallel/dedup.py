@@ -3,14 +3,15 @@
     home rank    kept copies (after capacity, as `permutation` keeps them) -> rows: the distinct (destination
                  rank, token) pairs, sorted by rank then token; each row carries its slots, the (local expert
                  id, gate) of every copy of that token for that rank
-                 -> two all-to-alls in flight together: the rows (wire dtype) and their slots (gate dtype)
+                 -> one all-to-all of the rows (wire dtype) with their slots (gate dtype) packed alongside
     expert rank  fan each received row out to its slots' experts (one grouped pass, copies sorted by local
                  expert) -> gate-weighted sum per received row, in the gate dtype
                  -> all-to-all back: one row per (token, rank), in the wire dtype
     home rank    sum the rows of each token
 
 Compared with `AllToAllDispatcher` (one row per copy both ways), a token whose K experts live on k distinct
-ranks sends k rows instead of K each way, plus 8 bytes per slot (gate and id as float32) one way. The gates
+ranks sends k rows instead of K each way, plus 8 bytes per slot (gate and id as float32) with the dispatch
+(forward: the values; backward: their gradients). The gates
 travel with autograd, so their gradients come back with the dispatch's backward; everything else is the
 parent's machinery (count exchange, chunks, overlap, fp8 rows, timing).
 
@@ -30,7 +31,7 @@ from coe_dist.parallel.dispatch import (
     Pending,
     Permutation,
     RoutingMetadataError,
-    _WaitAllToAll,
+    _wait,
     chunk_sizes,
     split_permutation,
     unpermute,
@@ -84,25 +85,26 @@ class DedupAllToAllDispatcher(AllToAllDispatcher):
     # ------------------------------------------------------------------ steps of one chunk
 
     def _send(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, state: DedupState,
-              wire_dtype: torch.dtype) -> tuple[Pending, Pending]:
+              wire_dtype: torch.dtype) -> Pending:
         X, S = state.token_X.numel(), state.slots
-        gates_XS = weights_TK.new_zeros(X, S).index_put((state.row_Y, state.slot_Y),
-                                                         weights_TK.flatten()[state.copy_Y])
-        ids_XS = torch.full((X, S), -1, dtype=weights_TK.dtype, device=weights_TK.device)
-        ids_XS[state.row_Y, state.slot_Y] = state.local_Y.to(weights_TK.dtype)  # exact: ids << 2^24
-        rows = self._start(x_TD.to(wire_dtype)[state.token_X], state, "dispatch", fp8=self.fp8)
-        return rows, self._start(torch.cat([gates_XS, ids_XS], 1), state, "dispatch")
+        dtype = torch.promote_types(weights_TK.dtype, torch.float32)  # float32 at least: ids exact below 2^24
+        gates_XS = weights_TK.new_zeros(X, S, dtype=dtype).index_put((state.row_Y, state.slot_Y),
+                                                                      weights_TK.flatten()[state.copy_Y].to(dtype))
+        ids_XS = torch.full((X, S), -1, dtype=dtype, device=weights_TK.device)
+        ids_XS[state.row_Y, state.slot_Y] = state.local_Y.to(dtype)
+        slots_XS2 = torch.cat([gates_XS, ids_XS], 1)
+        return self._start((x_TD.to(wire_dtype)[state.token_X], slots_XS2), state, "dispatch", fp8=self.fp8)
 
-    def _expert_rows(self, pending: tuple[Pending, Pending], state: DedupState, experts: Experts) -> torch.Tensor:
+    def _expert_rows(self, pending: Pending, state: DedupState, experts: Experts) -> torch.Tensor:
         """Wait for rows and slots, fan the rows out to the local experts, and sum each row's expert outputs
         weighted by its gates; returns one row per received row, in the wire dtype."""
-        x_RD = _WaitAllToAll.apply(*pending[0])
-        perm, gates_RS = fan_out(_WaitAllToAll.apply(*pending[1]), self.num_local)
+        x_RD, slots_RS2 = _wait(pending)
+        perm, gates_RS = fan_out(slots_RS2, self.num_local)
         y_YD = experts(x_RD[perm.token_X], perm.counts_N)
         return unpermute(y_YD, perm, gates_RS).to(x_RD.dtype)
 
     def _receive_back(self, pending: Pending, state: DedupState, weights_TK: torch.Tensor) -> torch.Tensor:
-        y_XD = _WaitAllToAll.apply(*pending)
+        (y_XD,) = _wait(pending)
         out_TD = weights_TK.new_zeros(weights_TK.shape[0], y_XD.shape[-1])
         return out_TD.index_add(0, state.token_X, y_XD.to(out_TD.dtype))
 

@@ -255,9 +255,13 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
 
 class _InFlight:
     """One data all-to-all between its start and wait nodes: forward receives `recv_splits` rows from each
-    rank and sends `send_splits`; backward sends the gradient back with the splits swapped. `fp8`: the
-    forward rows travel as float8 e4m3 with a float32 scale per row (fp8_wire.py) and arrive dequantized
-    to x's dtype; the backward gradient travels in its own dtype (the quantization is straight-through)."""
+    rank and sends `send_splits`; backward sends the gradient back with the splits swapped.
+
+    It carries one or more row-aligned tensors (same row count, any dtypes): several, or float8 rows, travel
+    as one uint8 buffer, each row the bytes of every tensor's row side by side, so that a row and its
+    metadata (dedup's slots) need one call. `fp8`: the first tensor's forward rows travel as e4m3 with a
+    float32 scale per row (fp8_wire.py) and arrive dequantized to its dtype; its backward gradient travels in
+    its own dtype (the quantization is straight-through)."""
 
     def __init__(self, owner: AllToAllDispatcher, iteration: int, direction: str, recv_splits: list[int],
                  send_splits: list[int], *, fp8: bool = False) -> None:
@@ -266,16 +270,22 @@ class _InFlight:
         self.fp8 = fp8
         self.work = self.issued_at = self.done_at = None
         self.row_bytes = 0  # bytes per row on the wire of the exchange in flight
-        self.packed: torch.Tensor | None = None  # fp8 forward: the packed rows being received
-        self.grad_out: torch.Tensor | None = None  # backward: the gradient exchange's output, until waited for
+        self.packed: torch.Tensor | None = None  # several tensors or fp8: the uint8 rows being received
+        self.widths: list[int] = []  # bytes of each tensor's row in `packed`
+        self.grad_out: tuple[torch.Tensor, ...] | None = None  # backward: the gradient exchange's outputs
 
-    def start(self, x: torch.Tensor, phase: str) -> torch.Tensor:
-        """Issue the exchange of x; returns the output buffer, filled in the background until `wait`."""
+    def start(self, xs: tuple[torch.Tensor, ...], phase: str) -> tuple[torch.Tensor, ...]:
+        """Issue the exchange of xs' rows; returns their output buffers, filled in the background until
+        `wait`."""
         out_splits, in_splits = self.splits[phase]
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        wire_in, wire_out = x.contiguous(), out
-        if self.fp8 and phase == "fwd":
-            wire_in = quantize_rows(x)
+        outs = tuple(x.new_empty((sum(out_splits), *x.shape[1:])) for x in xs)
+        quantized = self.fp8 and phase == "fwd"
+        if len(xs) == 1 and not quantized:
+            wire_in, wire_out, self.packed = xs[0].contiguous(), outs[0], None
+        else:
+            parts = [quantize_rows(xs[0]) if quantized else xs[0], *xs[1:]]
+            self.widths = [p.shape[1] * p.element_size() for p in parts]
+            wire_in = torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)
             wire_out = self.packed = wire_in.new_empty((sum(out_splits), wire_in.shape[1]))
         self.row_bytes = math.prod(wire_in.shape[1:]) * wire_in.element_size()
         self.issued_at = time.perf_counter()
@@ -283,58 +293,67 @@ class _InFlight:
                                            async_op=True)
         # gloo completes the future on its own thread when the exchange is done: its completion time. NCCL
         # completes it in stream order, which says nothing about host time, so CUDA records no in-flight time.
-        if x.device.type == "cpu":
+        if wire_in.device.type == "cpu":
             self.done_at = self.work.get_future().then(lambda _: time.perf_counter())
-        return out
+        return outs
 
-    def wait(self, out: torch.Tensor, phase: str) -> torch.Tensor:
-        """Block until the exchange is done (timed: the exposed part of its time); returns `out`."""
+    def wait(self, outs: tuple[torch.Tensor, ...], phase: str) -> tuple[torch.Tensor, ...]:
+        """Block until the exchange is done (timed: the exposed part of its time); returns `outs`, filled."""
         out_splits, in_splits = self.splits[phase]
         key = f"{self.direction}_{phase}"
-        with self.owner._timed(self.iteration, key, self.row_bytes, out_splits, in_splits, out.device):
+        with self.owner._timed(self.iteration, key, self.row_bytes, out_splits, in_splits, outs[0].device):
             self.work.wait()
         if self.done_at is not None:
             self.owner.in_flight_s[(self.iteration, key)] += self.done_at.wait() - self.issued_at
         self.work = self.done_at = None
         if self.packed is not None:
-            out.copy_(dequantize_rows(self.packed, out.shape[-1]))
+            for i, (out, rows) in enumerate(zip(outs, self.packed.split(self.widths, dim=1), strict=True)):
+                if i == 0 and self.fp8 and phase == "fwd":
+                    out.copy_(dequantize_rows(rows, out.shape[-1]))
+                else:
+                    out.copy_(rows.contiguous().view(out.dtype))
             self.packed = None
-        return out
+        return outs
 
 
 class _StartAllToAll(torch.autograd.Function):
-    """Issues `flight`'s exchange of x and returns its output buffer, still being filled: read it only through
-    `_WaitAllToAll`. Backward waits for the gradient exchange that `_WaitAllToAll.backward` issued."""
+    """Issues `flight`'s exchange of xs and returns their output buffers, still being filled: read them only
+    through `_WaitAllToAll`. Backward waits for the gradient exchange that `_WaitAllToAll.backward` issued."""
 
     @staticmethod
-    def forward(ctx, x, flight):
+    def forward(ctx, flight, *xs):
         ctx.flight = flight
-        return flight.start(x, "fwd")
+        return flight.start(xs, "fwd")
 
     @staticmethod
-    def backward(ctx, _grad_placeholder):
+    def backward(ctx, *_grad_placeholders):
         flight = ctx.flight
-        grad_x, flight.grad_out = flight.wait(flight.grad_out, "bwd"), None
-        return grad_x, None
+        grads, flight.grad_out = flight.wait(flight.grad_out, "bwd"), None
+        return None, *grads
 
 
 class _WaitAllToAll(torch.autograd.Function):
-    """Waits for `flight`'s exchange; returns the filled buffer. Backward issues the gradient exchange and
-    returns at once: the nodes autograd runs before `_StartAllToAll.backward` overlap it. The gradient itself
-    is handed over through `flight`, not returned (it has the sender's row count, not this input's)."""
+    """Waits for `flight`'s exchange; returns the filled buffers. Backward issues the gradient exchange and
+    returns at once: the nodes autograd runs before `_StartAllToAll.backward` overlap it. The gradients
+    themselves are handed over through `flight`, not returned (they have the sender's row count)."""
 
     @staticmethod
-    def forward(ctx, buffer, flight):
+    def forward(ctx, flight, *buffers):
         ctx.flight = flight
-        return flight.wait(buffer, "fwd")
+        return flight.wait(buffers, "fwd")
 
     @staticmethod
-    def backward(ctx, grad):
-        ctx.flight.grad_out = ctx.flight.start(grad, "bwd")
-        return grad, None  # a placeholder for the start node, which ignores it
+    def backward(ctx, *grads):
+        ctx.flight.grad_out = ctx.flight.start(grads, "bwd")
+        return None, *grads  # placeholders for the start node, which ignores them
 
 
-Pending = tuple[torch.Tensor, _InFlight]  # an output buffer being filled, and its exchange
+Pending = tuple[tuple[torch.Tensor, ...], _InFlight]  # output buffers being filled, and their exchange
+
+
+def _wait(pending: Pending) -> tuple[torch.Tensor, ...]:
+    buffers, flight = pending
+    return _WaitAllToAll.apply(flight, *buffers)
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -399,30 +418,30 @@ class AllToAllDispatcher(LocalDispatcher):
 
     # ------------------------------------------------------------------ steps of one chunk
 
-    def _start(self, x: torch.Tensor, state, direction: str, *, fp8: bool = False) -> Pending:
-        """Issue one data all-to-all of x's rows: `dispatch` sends `state.send_splits` rows to each rank,
-        `combine` sends back what was received."""
+    def _start(self, xs: tuple[torch.Tensor, ...], state, direction: str, *, fp8: bool = False) -> Pending:
+        """Issue one data all-to-all of the rows of xs: `dispatch` sends `state.send_splits` rows to each
+        rank, `combine` sends back what was received."""
         splits = (state.recv_splits, state.send_splits)
         flight = _InFlight(self, state.iteration, direction, *(splits if direction == "dispatch" else splits[::-1]),
                            fp8=fp8)
-        return _StartAllToAll.apply(x, flight), flight
+        return _StartAllToAll.apply(flight, *xs), flight
 
     def _send(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState,
               wire_dtype: torch.dtype) -> Pending:
-        return self._start(self._gather(x_TD, state.perm, wire_dtype), state, "dispatch", fp8=self.fp8)
+        return self._start((self._gather(x_TD, state.perm, wire_dtype),), state, "dispatch", fp8=self.fp8)
 
     def _expert_rows(self, pending: Pending, state: DispatchState, experts: Experts) -> torch.Tensor:
         """Wait for the dispatched rows, run the local experts; returns their outputs in received order."""
-        x_RD = _WaitAllToAll.apply(*pending)
+        (x_RD,) = _wait(pending)
         # Received rows are ordered (source rank, local expert); the experts want (local expert, source rank).
         y_RD = experts(_PermuteRows.apply(x_RD, state.regroup_R, state.inverse_R), state.counts_E)
         return _PermuteRows.apply(y_RD, state.inverse_R, state.regroup_R)
 
     def _send_back(self, y_RD: torch.Tensor, state: DispatchState) -> Pending:
-        return self._start(y_RD, state, "combine")
+        return self._start((y_RD,), state, "combine")
 
     def _receive_back(self, pending: Pending, state: DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
-        return unpermute(_WaitAllToAll.apply(*pending), state.perm, weights_TK)
+        return unpermute(_wait(pending)[0], state.perm, weights_TK)
 
     # ------------------------------------------------------------------ routing metadata
 
