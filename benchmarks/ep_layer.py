@@ -277,10 +277,16 @@ def build(args, recorder: DSAllToAllRecorder):
     variants: dict[str, object] = {}
     pairs: list[tuple[str, str, str]] = []  # (setting, ours name, DS name)
     N = args.experts
-    variants[f"ours CoE-2(4/{N})+1s"] = Ours(
-        MoEConfig(num_experts=N, top_k=4, iterations=2, num_shared_experts=args.shared, **ours_common), d, args.seed)
-    variants[f"ours MoE(8/{N})+1s"] = Ours(
-        MoEConfig(num_experts=N, top_k=8, iterations=1, num_shared_experts=args.shared, **ours_common), d, args.seed)
+    for mode in args.dispatch.split(","):  # copies | dedup | dedup-fp8 | copies-fp8: moe.dispatch(_dtype)
+        dispatch, _, wire = mode.partition("-")
+        suffix = "" if mode == "copies" else f" {mode}"
+        wire_keys = dict(dispatch=dispatch, dispatch_dtype=wire or "bf16")
+        variants[f"ours CoE-2(4/{N})+1s{suffix}"] = Ours(
+            MoEConfig(num_experts=N, top_k=4, iterations=2, num_shared_experts=args.shared, **wire_keys,
+                      **ours_common), d, args.seed)
+        variants[f"ours MoE(8/{N})+1s{suffix}"] = Ours(
+            MoEConfig(num_experts=N, top_k=8, iterations=1, num_shared_experts=args.shared, **wire_keys,
+                      **ours_common), d, args.seed)
     matched = [(2, args.small_experts), (2, N)] + ([] if args.skip_top8 else [(8, N)])
     for k, n in matched:
         setting = f"MoE({k}/{n})"
@@ -447,6 +453,7 @@ def aggregate(args, gathered: list[dict], variants: dict, pairs, B: int, L: int)
             "bytes_ratio_ds_over_ours": results["layers"][s]["bytes_sent"] / results["layers"][o]["bytes_sent"],
             "equivalence": checks, "fp32_max_rel_err": fp32_err, "fp32_ok": fp32_err < tol,
         }
+    results["dispatch_modes"] = dispatch_mode_ratios(results["layers"])
     m = results["matched"]
     results["target"] = {
         "ours_faster_at_every_matched_setting": all(v["speedup"] > 1 for v in m.values()),
@@ -455,6 +462,25 @@ def aggregate(args, gathered: list[dict], variants: dict, pairs, B: int, L: int)
         "matched_outputs_agree_fp32": all(v["fp32_ok"] for v in m.values()),
     }
     return results
+
+
+def dispatch_mode_ratios(layers: dict) -> dict:
+    """Each `--dispatch` mode against copies, same model: same-round ratios (medians) of step time, exposed
+    all-to-all time (per step medians) and bytes sent."""
+    out = {}
+    for name, row in layers.items():
+        base, _, mode = name.partition("+1s ")
+        if not mode or f"{base}+1s" not in layers:
+            continue
+        ref = layers[f"{base}+1s"]
+        out[name] = {
+            "step_ratio_paired_median": statistics.median(
+                a / b for a, b in zip(row["step_ms_all"], ref["step_ms_all"], strict=True)),
+            "step_ms": row["step_ms"], "copies_step_ms": ref["step_ms"],
+            "a2a_ms": row["a2a_ms"], "copies_a2a_ms": ref["a2a_ms"],
+            "bytes_ratio": row["bytes_sent"] / ref["bytes_sent"],
+        }
+    return out
 
 
 def code_version() -> dict:
@@ -480,7 +506,7 @@ def print_table(results: dict, args) -> None:
           f"f={sh['ffn']}")
     print(f"medians of {n} steps after {args.warmup} warm-up rounds; step and a2a ms: max over ranks; "
           "MiB: sent per rank per step (fwd+bwd)")
-    head = (f"{'layer':<22}{'step ms':>9}{'a2a ms':>8}{'a2a %':>7}{'MiB sent':>10}{'pad MiB':>9}{'pad %':>7}"
+    head = (f"{'layer':<32}{'step ms':>9}{'a2a ms':>8}{'a2a %':>7}{'MiB sent':>10}{'pad MiB':>9}{'pad %':>7}"
             f"{'wire':>10}{'cap':>6}{'DS/ours':>12}")
     print(head)
     print("-" * len(head))
@@ -489,7 +515,7 @@ def print_table(results: dict, args) -> None:
         pad_pct = 100 * r["padding_bytes"] / r["bytes_sent"] if r["bytes_sent"] else 0.0
         cap = str(max(r["capacity_per_rank"])) if "capacity_per_rank" in r else "-"
         spd = f"{speedup_of[name]:.2f}x" if name in speedup_of else ""
-        print(f"{name:<22}{r['step_ms']:9.1f}{r['a2a_ms']:8.1f}{100 * r['a2a_share']:6.1f}%"
+        print(f"{name:<32}{r['step_ms']:9.1f}{r['a2a_ms']:8.1f}{100 * r['a2a_share']:6.1f}%"
               f"{r['bytes_sent'] / MIB:10.2f}{r['padding_bytes'] / MIB:9.2f}{pad_pct:6.1f}%{r['wire']:>10}{cap:>6}"
               f"{spd:>12}")
     print("\nmatched settings (same weights; fp32 check of output, grad(input), grad(router, experts): max rel err):")
@@ -502,6 +528,9 @@ def print_table(results: dict, args) -> None:
               f"DS sends {v['bytes_ratio_ds_over_ours']:.2f}x the bytes;\n"
               f"  {'':<10} fp32 {v['fp32_max_rel_err']:.1e} {ok}; bf16-autocast: out gap (norm) {bf:.1e}, "
               f"{100 * flips:.1f}% of tokens routed differently (DS gate logits in bf16)")
+    for name, v in results["dispatch_modes"].items():
+        print(f"  {name}: step time {v['step_ratio_paired_median']:.3f}x copies (same-round median), "
+              f"a2a {v['a2a_ms']:.1f} vs {v['copies_a2a_ms']:.1f} ms, bytes {v['bytes_ratio']:.3f}x")
     t = results["target"]
     faster = "YES" if t["ours_faster_at_every_matched_setting"] else "NO"
     print(f"target: ours faster at every matched setting: {faster}; "
@@ -523,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="after timing, profile one step of every layer and print ROWS ops (rank 0)")
     p.add_argument("--quick", action="store_true", help="fewer tokens and steps (smoke run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dispatch", default="copies",
+                   help="comma-separated moe.dispatch modes for our CoE-2(4/N) and MoE(8/N) layers: copies, dedup, "
+                        "dedup-fp8, copies-fp8 (ratios against copies in the JSON's dispatch_modes)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ep_layer.json"))
     args = p.parse_args(argv)
     if args.quick:

@@ -80,6 +80,8 @@ class MoEConfig:
     recompute: bool = False  # recompute each iteration's expert path in backward (saves activation memory)
     overlap: bool = True  # ep_size > 1 only: shared experts (and other chunks) run while all-to-alls are in flight
     a2a_chunks: int = 1  # ep_size > 1 only: pipeline each iteration's tokens through this many all-to-all chunks
+    dispatch: str = "copies"  # ep_size > 1 only: copies (a row per token copy) | dedup (a row per token and rank)
+    dispatch_dtype: str = "bf16"  # ep_size > 1 only: bf16 (rows in the compute dtype) | fp8 (e4m3 + a scale per row)
 
 
 @dataclass(kw_only=True)
@@ -367,6 +369,8 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
     _check(moe.expert_bias_rate >= 0,
            f"moe.expert_bias_rate={moe.expert_bias_rate}: must be >= 0 (0 = no aux-loss-free balancing)")
     _validate_routing_groups(moe)
+    _choice("moe", moe, "dispatch", ("copies", "dedup"))
+    _choice("moe", moe, "dispatch_dtype", ("bf16", "fp8"))
     _check(moe.aux_loss_coef >= 0, f"moe.aux_loss_coef={moe.aux_loss_coef}: must be >= 0")
     _check(moe.z_loss_coef >= 0, f"moe.z_loss_coef={moe.z_loss_coef}: must be >= 0")
     _check(moe.routed_scaling_factor > 0, f"moe.routed_scaling_factor={moe.routed_scaling_factor}: must be > 0")

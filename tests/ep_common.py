@@ -27,9 +27,10 @@ from coe_dist.model.router import Routing
 DIRECTIONS = ("dispatch_fwd", "dispatch_bwd", "combine_fwd", "combine_bwd")
 
 
-def build_layer(cfg: dict, hidden: int, ep_size: int, sd: dict | None = None, seed: int = 0) -> CoELayer:
+def build_layer(cfg: dict, hidden: int, ep_size: int, sd: dict | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> CoELayer:
     # init_std 0.1 (not 0.02): decisive routing, no near-ties that rounding could flip between layouts
-    layer = CoELayer(MoEConfig(**cfg, ep_size=ep_size), hidden, seed=seed, init_std=0.1)
+    layer = CoELayer(MoEConfig(**cfg, ep_size=ep_size), hidden, seed=seed, init_std=0.1).to(dtype)
     if sd is not None:
         layer.load_hf_state_dict(sd)
     return layer

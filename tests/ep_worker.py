@@ -35,7 +35,7 @@ def main(spec_path: str, out_dir: str) -> None:
         assert B % world == 0, (B, world)
         Bl = B // world
         rows = slice(rank * Bl, (rank + 1) * Bl)
-        layer = build_layer(case["cfg"], case["u"].shape[-1], case["ep"], case["sd"])
+        layer = build_layer(case["cfg"], case["u"].shape[-1], case["ep"], case["sd"], dtype=case["u"].dtype)
         if case["forced"] is not None:
             T_l = Bl * case["u"].shape[1]
             force_routing(layer, [t[rank * T_l:(rank + 1) * T_l] for t in case["forced"]])

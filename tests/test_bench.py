@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import subprocess
@@ -328,3 +329,33 @@ def test_validation_fits_ep_2_without_any_ep_4_measurement():
     run4["calibration"]["a2a"] = [r for r in run4["calibration"]["a2a"] if r["P"] != 3]
     assert training_sweep(run4) is None  # one group size left: it cannot split the latency
     assert training_sweep({"cases": run4["cases"]}) is None
+
+
+def test_distinct_ranks_per_token_matches_enumeration():
+    """P * (1 - C(N - N/P, K) / C(N, K)) against counting the ranks of every K-subset of N experts."""
+    for N, K, P in ((8, 3, 4), (8, 2, 2), (12, 4, 3), (8, 8, 4)):
+        E = N // P
+        subsets = list(itertools.combinations(range(N), K))
+        mean = sum(len({e // E for e in s}) for s in subsets) / len(subsets)
+        assert cm.distinct_ranks_per_token(N, K, P) == pytest.approx(mean, rel=1e-12), (N, K, P)
+    assert cm.distinct_ranks_per_token(64, 4, 8) == pytest.approx(3.3755, abs=1e-4)  # the issue's 3.38 of 4
+    assert cm.distinct_ranks_per_token(64, 8, 8) == pytest.approx(5.4326, abs=1e-4)
+
+
+def test_dedup_and_fp8_bytes_in_the_model():
+    prof = toy_profile()
+    base = dict(iterations=2, top_k=4, num_experts=64, hidden=1024, expert_hidden=704, tokens=4096, ep_size=8)
+    copies, dedup = cm.Workload(**base), cm.Workload(**base, dispatch="dedup")
+    fp8 = cm.Workload(**base, dispatch="dedup", dispatch_dtype="fp8")
+    k = cm.distinct_ranks_per_token(64, 4, 8)
+    off = 4096 * 7 / 8  # tokens' rows to other ranks, per row per token
+    slots = 4 * 8  # min(K, N/P) = 4 slots of a float32 gate and a float32 id, in the dispatch only
+    assert copies.a2a_bytes("dispatch", "fwd") == pytest.approx(off * 4 * 2048)
+    assert dedup.a2a_bytes("combine", "bwd") == pytest.approx(off * k * 2048)
+    assert dedup.a2a_bytes("dispatch", "bwd") == pytest.approx(off * k * (2048 + slots))
+    assert fp8.a2a_bytes("dispatch", "fwd") == pytest.approx(off * k * (1024 + 4 + slots))
+    assert fp8.a2a_bytes("combine", "fwd") == pytest.approx(off * k * 2048)
+    assert dedup.bytes_per_step == pytest.approx(2 * (4 * off * k * 2048 + 2 * off * k * slots))
+    it_c, it_d = cm.predict_iteration(prof, copies), cm.predict_iteration(prof, dedup)
+    assert it_d["combine_fwd"] - it_c["combine_fwd"] == pytest.approx(  # one call each: only bytes differ
+        cm.a2a_time(prof, 8, off * k * 2048) - cm.a2a_time(prof, 8, off * 4 * 2048))

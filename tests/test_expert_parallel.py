@@ -11,15 +11,21 @@ on sequences [r*B/W, (r+1)*B/W). Comparisons:
 - grads of expert i: summed over the ranks holding it (its expert-data-parallel replicas);
 - bytes per (iteration, direction): kept token copies whose expert lives on another rank of the
   EP group, times hidden * 4, with the routing recomputed here from the router inputs and weights;
+  `moe.dispatch: dedup`: the distinct (token, other rank) pairs among the kept copies instead, each row
+  carrying min(K, N/P) slots of (gate, local expert id) as float (dispatch only), and one row back;
 - capacity: applied per rank on its own tokens, so the reference runs each rank's slice on its own;
 - routing options (gate rules, sigmoid, expert bias, routing groups): every router call on every rank
   against the independent router of tests/routing_reference.py on that call's input; with
   moe.expert_bias_rate, two steps each followed by the bias update: the ranks' biases must be identical
   and equal the update computed here from the whole batch's loads (the reference's step 2 uses them).
+- float64 cases: weights, batch, reference and ranks all in float64, relative error under 1e-10;
+- `moe.dispatch_dtype: fp8`: within e4m3's relative rounding bound 2^-4 (tests/test_fp8_wire.py), and
+  not equal to the float path (the rows really were quantized).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +40,8 @@ D, F, N = 32, 16, 8  # hidden, expert width, routed experts
 B, L = 8, 4  # global batch: sequences x length
 T = B * L
 RTOL = 1e-5
+RTOL_FLOAT64 = 1e-10
+FP8_TOL = 2.0 ** -4  # e4m3: 3 mantissa bits, round to nearest
 ROW_BYTES = D * 4  # float32 rows on the wire
 LAUNCH_TIMEOUT_S = {2: 300, 4: 420}  # normally ~30 s each; generous for a loaded machine
 
@@ -50,6 +58,7 @@ class Case:
     # forced(rank, iteration, n_tokens, generator) -> [n_tokens, K] expert ids for that rank's tokens
     forced: Callable | None = None
     input_requires_grad: bool = True
+    dtype: torch.dtype = torch.float32
 
     @property
     def cfg(self) -> dict:
@@ -59,6 +68,23 @@ class Case:
     @property
     def cf(self) -> float | None:
         return self.extra.get("capacity_factor")
+
+    @property
+    def dedup(self) -> bool:
+        return self.extra.get("dispatch") == "dedup"
+
+    @property
+    def fp8(self) -> bool:
+        return self.extra.get("dispatch_dtype") == "fp8"
+
+    @property
+    def base(self) -> str:
+        """The name without the dispatch-mode suffix: edge and capacity cases run in both modes."""
+        return self.name.removesuffix("_dedup")
+
+    @property
+    def rtol(self) -> float:
+        return FP8_TOL if self.fp8 else RTOL_FLOAT64 if self.dtype == torch.float64 else RTOL
 
 
 def pick(choices, K):
@@ -130,6 +156,25 @@ def _cases() -> list[Case]:
         Case("cap_w4_ep4_cf0.75", 4, 4, 3, 2, "capacity", dict(capacity_factor=0.75)),
         Case("cap_w4_ep2dp2_cf1.0_K4", 4, 2, 2, 4, "capacity", dict(capacity_factor=1.0)),
     ]
+    # moe.dispatch: dedup through every edge and capacity scenario
+    cases += [dataclasses.replace(c, name=f"{c.name}_dedup", extra=c.extra | {"dispatch": "dedup"})
+              for c in cases if c.kind in ("edge", "capacity")]
+    # float64 everywhere, both dispatch modes, at ep 2, ep 4 and ep 2 x dp 2
+    for world, ep in ((2, 2), (4, 4), (4, 2)):
+        for dispatch in ("copies", "dedup"):
+            for C, K in ((2, 4), (3, 2), (2, N)):
+                cases.append(Case(f"f64_w{world}_ep{ep}_C{C}_K{K}_{dispatch}", world, ep, C, K, "equiv",
+                                  dict(dispatch=dispatch), dtype=torch.float64))
+    # Hand-counted dedup rows (see test_dedup_bytes_hand_counted).
+    cases += [
+        Case("bytes_w2_ep2_K4_dedup", 2, 2, 2, 4, "bytes", dict(dispatch="dedup"),
+             forced=by_rank(pick([0, 1, 4, 5], 4), pick([4, 5, 6, 7], 4))),
+        Case("bytes_w4_ep4_K4_dedup", 4, 4, 2, 4, "bytes", dict(dispatch="dedup"),
+             forced=lambda r, t, n, g: pick([0, 1, 2, 4], 4)(n, g)),
+    ]
+    # float8 dispatch rows; forced routing: quantization must not flip the second iteration's routing
+    cases += [Case(f"fp8_w2_ep2_{dispatch}", 2, 2, 2, 2, "fp8", dict(dispatch=dispatch, dispatch_dtype="fp8"),
+                   forced=lambda r, t, n, g: pick(range(N), 2)(n, g)) for dispatch in ("copies", "dedup")]
     return cases
 
 
@@ -146,15 +191,14 @@ def _prepare(case: Case, index: int) -> dict:
     g = torch.Generator().manual_seed(1000 + index)
     sd = build_layer(case.cfg, D, 1, seed=index).hf_state_dict()
     for k in sd:  # sharper routing: top-K gaps far above rounding, so layouts route alike
-        if k.startswith("gate"):
-            sd[k] *= 5
-    u, gout = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+        sd[k] = sd[k].to(case.dtype) * (5 if k.startswith("gate") else 1)
+    u, gout = (torch.randn(B, L, D, generator=g).to(case.dtype) for _ in range(2))
     T_l = T // case.world
     forced = None
     if case.forced is not None:
         forced = [torch.cat([case.forced(r, t, T_l, g) for r in range(case.world)]) for t in range(case.C)]
 
-    layer = build_layer(case.cfg, D, 1, sd)
+    layer = build_layer(case.cfg, D, 1, sd, dtype=case.dtype)
     ref = _reference_step(case, layer, u, gout, forced)
     rate = case.cfg.get("expert_bias_rate", 0.0)
     if rate:  # the bias update from the whole batch's loads, then the step the ranks report
@@ -257,8 +301,8 @@ def _check_matches_reference(res: dict) -> dict[str, float]:
             holders = range(W)
         errors[f"grad {name}"] = _rel_err(sum(ranks[rank]["grads"][name] for rank in holders), want)
     assert set(ref["grads"]) == {k for r in ranks for k in r["grads"]}
-    bad = {k: v for k, v in errors.items() if not v < RTOL}
-    assert not bad, f"{case.name}: relative error >= {RTOL}: {bad}"
+    bad = {k: v for k, v in errors.items() if not v < case.rtol}
+    assert not bad, f"{case.name}: relative error >= {case.rtol}: {bad}"
     return errors
 
 
@@ -276,19 +320,48 @@ def _kept_counts(case: Case, ref: dict, t: int) -> tuple[list[torch.Tensor], lis
     return kept, dropped
 
 
+def _kept_rows(case: Case, ref: dict, t: int) -> list[torch.Tensor]:
+    """Per rank: the rows it sends to each rank of its group at iteration t, [P]: kept copies (copies), or
+    tokens with at least one kept copy there (dedup; capacity keeps each expert's first copies in token order)."""
+    T_l, P, E = T // case.world, case.ep, N // case.ep
+    rows = []
+    for rank in range(case.world):
+        experts_TK = ref["experts"][t][rank * T_l:(rank + 1) * T_l]
+        kept_TK = torch.ones_like(experts_TK, dtype=torch.bool)
+        if case.cf is not None:
+            capacity = math.ceil(case.cf * T_l * case.K / N)
+            seen = torch.zeros(N, dtype=torch.long)
+            for tok in range(T_l):  # copies in (token, slot) order: the first `capacity` of each expert stay
+                for k in range(case.K):
+                    e = int(experts_TK[tok, k])
+                    kept_TK[tok, k] = bool(seen[e] < capacity)
+                    seen[e] += 1
+        dest_TK = experts_TK // E
+        if case.dedup:
+            rows.append(torch.tensor([int(((dest_TK == p) & kept_TK).any(1).sum()) for p in range(P)]))
+        else:
+            rows.append(torch.tensor([int(((dest_TK == p) & kept_TK).sum()) for p in range(P)]))
+    return rows
+
+
 def _expected_records(case: Case, ref: dict) -> list[dict]:
     """{(iteration, direction): (calls, bytes_sent, bytes_received)} per rank."""
     P, E = case.ep, N // case.ep
+    row_bytes = D * case.dtype.itemsize  # combine, and the gradients in backward
+    dispatch_bytes = D + 4 if case.fp8 else row_bytes  # fp8: e4m3 values + a float32 scale
+    slot_bytes = 2 * min(case.K, E) * case.dtype.itemsize if case.dedup else 0  # gate and id per slot
     expected = [{} for _ in range(case.world)]
     for t in range(case.C):
-        kept, _ = _kept_counts(case, ref, t)
+        rows = _kept_rows(case, ref, t)
         for rank in range(case.world):
             q, first = rank % P, rank - rank % P  # EP rank, first rank of the EP group
-            mine = slice(q * E, (q + 1) * E)
-            sent = int(kept[rank].sum() - kept[rank][mine].sum()) * ROW_BYTES
-            recv = sum(int(kept[s][mine].sum()) for s in range(first, first + P) if s != rank) * ROW_BYTES
-            expected[rank].update({(t, "dispatch_fwd"): (1, sent, recv), (t, "combine_fwd"): (1, recv, sent),
-                                   (t, "dispatch_bwd"): (1, recv, sent), (t, "combine_bwd"): (1, sent, recv)})
+            sent = int(rows[rank].sum() - rows[rank][q])
+            recv = sum(int(rows[s][q]) for s in range(first, first + P) if s != rank)
+            expected[rank].update({
+                (t, "dispatch_fwd"): (1, sent * (dispatch_bytes + slot_bytes), recv * (dispatch_bytes + slot_bytes)),
+                (t, "combine_fwd"): (1, recv * row_bytes, sent * row_bytes),
+                (t, "dispatch_bwd"): (1, recv * (row_bytes + slot_bytes), sent * (row_bytes + slot_bytes)),
+                (t, "combine_bwd"): (1, sent * row_bytes, recv * row_bytes)})
     return expected
 
 
@@ -315,17 +388,20 @@ UNUSED_EXPERTS = {"edge_zero_token_experts": [0, 2, 5, 7], "edge_all_tokens_one_
 def test_edge_routing_completes_and_matches(request, case):
     res = _result(request, case)
     ranks, iters = res["ranks"], range(case.C)
-    for rank in IDLE_RANKS.get(case.name, []):  # received no rows: no traffic in, no expert grads
+    for rank in IDLE_RANKS.get(case.base, []):  # received no rows: no traffic in, no expert grads
         assert all(ranks[rank]["records"][(t, "dispatch_fwd")][2] == 0 for t in iters), rank
         assert not any(g.any() for k, g in ranks[rank]["grads"].items() if k.startswith("experts.")), rank
-    for i in UNUSED_EXPERTS.get(case.name, []):
+    for i in UNUSED_EXPERTS.get(case.base, []):
         assert not any(g.any() for r in ranks for k, g in r["grads"].items() if k.startswith(f"experts.{i}.")), i
     if case.name == "edge_rank0_all_to_remote_expert6":
         assert all(ranks[0]["records"][(t, "dispatch_fwd")][1] == T // 2 * ROW_BYTES for t in iters)
-    if case.name == "edge_all_local":
+    if case.base == "edge_all_local":
         assert all(rec[1:] == (0, 0) for r in ranks for rec in r["records"].values())
     if case.name == "edge_all_remote":
         assert all(r["records"][(t, "dispatch_fwd")][1:] == (T // 2 * 2 * ROW_BYTES,) * 2
+                   for r in ranks for t in iters)
+    if case.name == "edge_all_remote_dedup":  # both copies of a token go to the other rank: one row of 2 slots
+        assert all(r["records"][(t, "dispatch_fwd")][1:] == (T // 2 * (ROW_BYTES + 2 * 2 * 4),) * 2
                    for r in ranks for t in iters)
     _check_matches_reference(res)
 
@@ -338,6 +414,35 @@ def test_capacity_drops_per_rank(request, case):
         assert r["dropped"] == {t: drops[t][rank] for t in range(case.C)}, f"rank {rank}"
     assert any(d for per_rank in drops for d in per_rank) or case.cf >= 1.25
     _check_matches_reference(res)  # the reference ran each rank's slice with its own capacity
+
+
+def test_dedup_bytes_hand_counted(world2, world4):
+    """Forced routing whose distinct destination ranks per token are counted by hand (T/world tokens a rank)."""
+    # ep 2 (rank 0: experts 0-3, rank 1: 4-7), K=4, S=4 slots: rank 0 picks {0,1,4,5}: one row per token to
+    # rank 1 (two copies in it); rank 1 picks {4,5,6,7}: all local.
+    ranks = world2["bytes_w2_ep2_K4_dedup"]["ranks"]
+    row, slots = D * 4, 2 * 4 * 4
+    assert ranks[0]["records"][(0, "dispatch_fwd")] == (1, 16 * (row + slots), 0)  # slots ride in the rows' call
+    assert ranks[1]["records"][(1, "dispatch_fwd")] == (1, 0, 16 * (row + slots))
+    assert ranks[0]["records"][(1, "combine_fwd")] == (1, 0, 16 * row)
+    # ep 4 (rank q: experts 2q, 2q+1), K=4, S=2: every rank picks {0,1,2,4} = ranks {0, 1, 2}. Rows to other
+    # ranks per token: rank 0 -> {1,2}, rank 1 -> {0,2}, rank 2 -> {0,1}, rank 3 -> {0,1,2}: 2, 2, 2, 3
+    # (copies: 2, 3, 3, 4). Rows received: ranks 0, 1, 2 get one from each of the other three ranks' tokens.
+    ranks, row, slots = world4["bytes_w4_ep4_K4_dedup"]["ranks"], D * 4, 2 * 2 * 4
+    for rank, (sent, received) in enumerate([(2, 3), (2, 3), (2, 3), (3, 0)]):
+        for t in range(2):
+            assert ranks[rank]["records"][(t, "dispatch_fwd")] == (1, 8 * sent * (row + slots),
+                                                                   8 * received * (row + slots)), rank
+            assert ranks[rank]["records"][(t, "combine_fwd")] == (1, 8 * received * row, 8 * sent * row), rank
+    for res in (world2["bytes_w2_ep2_K4_dedup"], world4["bytes_w4_ep4_K4_dedup"]):
+        _check_matches_reference(res)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.fp8], ids=lambda c: c.name)
+def test_fp8_dispatch_within_e4m3_bound(request, case):
+    res = _result(request, case)
+    errors = _check_matches_reference(res)  # relative error under 2^-4 everywhere
+    assert errors["out"] > 1e-6, "fp8 dispatch matched the float path exactly: were the rows quantized?"
 
 
 @pytest.mark.parametrize("case", EP_CASES, ids=lambda c: c.name)

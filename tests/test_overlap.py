@@ -92,13 +92,13 @@ def one_rank(monkeypatch):
     events: list[str] = []
     start, wait = dispatch._InFlight.start, dispatch._InFlight.wait
 
-    def logged_start(self, x, phase):
-        events.append(f"issue {self.direction} {phase} {x.shape[0]}")
-        return start(self, x, phase)
+    def logged_start(self, xs, phase):
+        events.append(f"issue {self.direction} {phase} {xs[0].shape[0]}")
+        return start(self, xs, phase)
 
-    def logged_wait(self, out, phase):
-        events.append(f"wait {self.direction} {phase} {out.shape[0]}")
-        return wait(self, out, phase)
+    def logged_wait(self, outs, phase):
+        events.append(f"wait {self.direction} {phase} {outs[0].shape[0]}")
+        return wait(self, outs, phase)
 
     monkeypatch.setattr(dispatch._InFlight, "start", logged_start)
     monkeypatch.setattr(dispatch._InFlight, "wait", logged_wait)
@@ -211,6 +211,10 @@ def _variants(world: int) -> dict[str, dict]:
     }
     if world == 4:
         variants["chunks12"] = dict(a2a_chunks=12)  # 10 tokens per rank: two empty chunks
+    # moe.dispatch: dedup (a row per token and rank) through the same schedules
+    variants |= {f"dedup_{name}": dict(extra, dispatch="dedup") for name, extra in variants.items()
+                 if name in ("base", "overlap", "chunks3", "chunks3_recompute", "cap_base", "cap_chunks3",
+                             "chunks12")}
     return variants
 
 
@@ -283,7 +287,7 @@ def test_overlapped_layer_matches_reference_and_plain_path(request, world, name)
     res = request.getfixturevalue(f"world{world}")
     got = _gather(res["ranks"][name])
     capacity = "capacity_factor" in res["cfg"][name]
-    plain = "cap_base" if capacity else "base"
+    plain = "cap_base" if capacity else "base"  # dedup variants too: the two dispatch modes agree
     if not capacity:  # capacity is per rank: the whole-batch reference drops nothing
         bad = {k: v for k, v in _errors(got, res["ref"]).items() if not v < RTOL}
         assert not bad, f"ep {world} {name}: relative error against float64 >= {RTOL}: {bad}"
@@ -293,17 +297,18 @@ def test_overlapped_layer_matches_reference_and_plain_path(request, world, name)
 
 @pytest.mark.parametrize("world,name", CASES, ids=[f"ep{w}_{n}" for w, n in CASES])
 def test_chunks_send_the_same_bytes(request, world, name):
-    """Per (iteration, direction): one all-to-all per chunk, the same bytes and drops as the plain path."""
+    """Per (iteration, direction): the plain path's all-to-alls once per chunk, the same bytes and drops."""
     res = request.getfixturevalue(f"world{world}")
     cfg = res["cfg"][name]
-    plain = "cap_base" if "capacity_factor" in cfg else "base"
+    plain = ("dedup_" if cfg.get("dispatch") == "dedup" else "") + ("cap_base" if "capacity_factor" in cfg else "base")
     chunks = cfg.get("a2a_chunks", 1)
     recompute = 2 if cfg.get("recompute") else 1  # the forward all-to-alls run again in backward
     for got, want in zip(res["ranks"][name], res["ranks"][plain], strict=True):
         assert got["records"].keys() == want["records"].keys()
         for key, (calls, sent, received) in got["records"].items():
             runs = recompute if key[1].endswith("_fwd") else 1
-            assert (calls, sent, received) == (chunks * runs, want["records"][key][1] * runs,
-                                               want["records"][key][2] * runs), key
+            want_calls, want_sent, want_received = want["records"][key]
+            assert (calls, sent, received) == (want_calls * chunks * runs, want_sent * runs,
+                                               want_received * runs), key
         assert got["dropped"] == {t: n * recompute for t, n in want["dropped"].items()}
     assert "capacity_factor" not in cfg or any(res["ranks"][plain][0]["dropped"].values())

@@ -11,6 +11,13 @@ per node):
         B_intra = B*(g-1)/(P-1) those for the other ranks of this node (uniform routing)
     a(k) = latency_s + k * latency_per_peer_s   (NCCL: fixed; gloo's pairwise exchange: per peer)
 
+Data all-to-all bytes (`Workload.a2a_bytes`): rows x row bytes x (P-1)/P, per token:
+    moe.dispatch copies: K rows each way (one per token copy)
+    moe.dispatch dedup:  k rows each way, k = P * (1 - C(N - N/P, K) / C(N, K)) the expected distinct ranks
+                         among a token's K experts under uniform routing (K=4 of N=64 on P=8: 3.38); each
+                         dispatch row carries min(K, N/P) slots x 8 bytes (gate, local expert id)
+    moe.dispatch_dtype fp8: forward dispatch rows of d + 4 bytes (e4m3 + a float32 scale); the rest unchanged
+
 Count exchange: one all-to-all of E + 1 int64 per peer (the per-expert counts and the sender's total), plus
 the host sync (`host_sync_s`) that turns the split sizes into Python ints.
 
@@ -77,6 +84,17 @@ COUNT_BYTES = 8  # per-expert counts are int64
 # Count-exchange row per destination rank: its E per-expert counts and their total as the sender computed it
 # (the dispatcher checks the received counts against it before the data all-to-all).
 COUNT_COLUMNS_EXTRA = 1
+
+
+FP8_SCALE_BYTES = 4  # one float32 scale per fp8 row
+SLOT_BYTES = 8  # dedup: a float32 gate and a float32 local expert id per slot
+
+
+def distinct_ranks_per_token(num_experts: int, top_k: int, ep_size: int) -> float:
+    """Expected distinct ranks among a token's K experts (N experts, N/P per rank, K drawn uniformly without
+    replacement): P * (1 - C(N - N/P, K) / C(N, K)); the token's own rank counts as one of them."""
+    per_rank = math.ceil(num_experts / ep_size)
+    return ep_size * (1 - math.comb(num_experts - per_rank, top_k) / math.comb(num_experts, top_k))
 
 
 def count_exchange_bytes(ep_size: int, local_experts: int) -> int:
@@ -234,6 +252,8 @@ class Workload:
     wire_bytes: int = 2
     imbalance: float = 1.0  # max over ranks / mean of the token copies a rank receives
     ranks_per_node: int | None = None  # CPU runs: processes on the node (default: the profile's)
+    dispatch: str = "copies"  # moe.dispatch: copies | dedup
+    dispatch_dtype: str = "bf16"  # moe.dispatch_dtype: bf16 (the compute dtype) | fp8
 
     @classmethod
     def from_case(cls, case, ranks_per_node: int | None = None, imbalance: float = 1.0) -> Workload:
@@ -259,6 +279,37 @@ class Workload:
         """Bytes one rank sends to other ranks per data all-to-all (the busiest rank under imbalance)."""
         P = self.ep_size
         return self.copies * (P - 1) / P * self.hidden * self.wire_bytes * self.imbalance
+
+    @property
+    def rows_per_token(self) -> float:
+        """Rows a token sends per data all-to-all (own rank included): K copies, or its distinct ranks."""
+        if self.dispatch == "dedup":
+            return distinct_ranks_per_token(self.num_experts, self.top_k, self.ep_size)
+        return float(self.top_k)
+
+    def a2a_bytes(self, phase: str, direction: str) -> float:
+        """Bytes one rank sends to other ranks in one data all-to-all (dispatch | combine, fwd | bwd), the
+        busiest rank under imbalance; dedup's dispatch carries `slot_bytes` more in the same call."""
+        P = self.ep_size
+        row = self.hidden * self.wire_bytes
+        if (phase, direction, self.dispatch_dtype) == ("dispatch", "fwd", "fp8"):
+            row = self.hidden + FP8_SCALE_BYTES
+        slots = self.slot_bytes if phase == "dispatch" else 0.0
+        return self.tokens * self.rows_per_token * (P - 1) / P * row * self.imbalance + slots
+
+    @property
+    def slot_bytes(self) -> float:
+        """dedup: bytes of the rows' (gate, local expert) slots in each dispatch, forward or backward."""
+        if self.dispatch != "dedup":
+            return 0.0
+        P, slots = self.ep_size, min(self.top_k, self.local_experts)
+        return self.tokens * self.rows_per_token * (P - 1) / P * slots * SLOT_BYTES * self.imbalance
+
+    @property
+    def bytes_per_step(self) -> float:
+        """All-to-all bytes one rank sends per step: 4 data calls per layer-iteration."""
+        return self.iterations * self.layers * sum(self.a2a_bytes(p, d) for p in ("dispatch", "combine")
+                                                   for d in ("fwd", "bwd"))
 
     def units(self, phase: str, direction: str) -> float:
         T, K, N, d, f = self.tokens, self.top_k, self.num_experts, self.hidden, self.expert_hidden
@@ -331,7 +382,8 @@ def predict_iteration(profile: Profile, w: Workload, oversubscription: float | N
             t = 0.0 if P <= 1 else (a2a_time(profile, P, count_exchange_bytes(P, w.local_experts), rpn)
                                      + profile.host_sync_s + _overhead(profile, key, P - 1))
         elif phase in ("dispatch", "combine"):
-            t = 0.0 if P <= 1 else a2a_time(profile, P, w.bytes_offrank, rpn) + _overhead(profile, key, P - 1)
+            t = 0.0 if P <= 1 else a2a_time(profile, P, w.a2a_bytes(phase, direction), rpn) + _overhead(
+                profile, key, P - 1)
         else:
             t = profile.phase(key, w.dtype).time(w.units(phase, direction), w.units2(phase))
         out[key] = t * over

@@ -72,7 +72,8 @@ def workload(cfg: RunConfig, ep: int, tokens: int) -> Workload:
     return Workload(iterations=m.iterations, top_k=m.top_k, num_experts=m.num_experts, hidden=cfg.model.hidden_size,
                     expert_hidden=m.expert_hidden_size, tokens=tokens, ep_size=ep,
                     num_shared_experts=m.num_shared_experts, layers=cfg.model.num_layers - cfg.model.first_k_dense,
-                    dtype=dtype, wire_bytes=2 if dtype == "bf16" else 4)
+                    dtype=dtype, wire_bytes=2 if dtype == "bf16" else 4, dispatch=m.dispatch,
+                    dispatch_dtype=m.dispatch_dtype)
 
 
 def project(profile: Profile, models: list[RunConfig], gpus: list[int], *, ep_mode: str = "max",
@@ -94,7 +95,7 @@ def project(profile: Profile, models: list[RunConfig], gpus: list[int], *, ep_mo
                 "step_ms": step * 1e3, "moe_layers_ms": (step - extra) * 1e3, "dense_ms": extra * 1e3,
                 "a2a_ms": pred["comm_s"] * 1e3, "a2a_share": pred["comm_share"],
                 "a2a_rounds_per_step": 5 * w.iterations * w.layers if P > 1 else 0,
-                "a2a_mib_per_step": 4 * w.iterations * w.layers * w.bytes_offrank / 2 ** 20,
+                "a2a_mib_per_step": w.bytes_per_step / 2 ** 20,
                 "tokens_per_s": G * T / step, "tokens_per_s_per_gpu": T / step,
                 "phases_ms": {k: v * 1e3 for k, v in pred["phases"].items()},
             })

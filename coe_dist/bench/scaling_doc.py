@@ -9,12 +9,13 @@ Everything numeric on the page comes from the runs' summary.json, the cost model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from coe_dist.bench import outputs, plots, project, validate
-from coe_dist.bench.model import load_profile
+from coe_dist.bench.model import distinct_ranks_per_token, load_profile
 from coe_dist.bench.report import meta_lines
 from coe_dist.config import load_config
 
@@ -193,11 +194,19 @@ def generate(run2_dir: Path, run4_dir: Path, out_md: Path, *, train_hidden: tupl
                  "CoE-2(4/64) vs MoE(8/64), H100 profile, ep = min(GPUs, 63), 4096 tokens/GPU")
     project.plot(projections[("h100-nvlink-ib400", "node")], fig_dir / "projection_h100_ep8.png",
                  "CoE-2(4/64) vs MoE(8/64), H100 profile, ep = 8 (one NVLink node), 4096 tokens/GPU")
+    modes = {ep: dispatch_projections(load_profile("h100-nvlink-ib400"), coe, moe, gpus, ep) for ep in ("max", "node")}
     (fig_dir / "projection.json").write_text(json.dumps(
-        {f"{k[0]}/ep-{k[1]}": v for k, v in projections.items()}, indent=1) + "\n")
+        {f"{k[0]}/ep-{k[1]}": v for k, v in projections.items()}
+        | {f"h100-nvlink-ib400/ep-{ep}/{mode}": rows
+           for ep, by_mode in modes.items() for mode, rows in by_mode.items()},
+        indent=1) + "\n")
     cpu = load_profile("cpu-local")
     h100_prof = load_profile("h100-nvlink-ib400")
     h100_lat = h100_prof.links["intra"].latency_s + h100_prof.host_sync_s / 5  # per call; one sync per 5 calls
+
+    n_routed = coe.moe.num_experts
+    modes_k = {name: (cfg.moe.top_k, distinct_ranks_per_token(n_routed, cfg.moe.top_k, 8))
+               for name, cfg in (("coe", coe), ("moe", moe))}
 
     def row(rows, g, m):
         return next(r for r in rows if r["gpus"] == g and r["model"].startswith(m))
@@ -460,6 +469,31 @@ extra rounds cost about {extra_rounds * h100_lat * 1e3:.1f} ms of latency per st
 (plus the host syncs); they would dominate only at much smaller T per GPU (inference-like batches), where
 B / bandwidth is small.
 
+## Deduplicated dispatch: before and after
+
+`moe.dispatch: dedup` sends a token once to each rank that holds any of its K experts (with a slot of gate and
+local expert id per copy, 8 bytes each) and gets one pre-summed row back per rank, instead of one row per copy
+each way; `moe.dispatch_dtype: fp8` sends the forward dispatch rows as e4m3 + a float32 scale (d + 4 bytes
+instead of 2d). Under uniform routing a token reaches P * (1 - C(N - N/P, K) / C(N, K)) distinct ranks
+(`coe_dist.bench.model.distinct_ranks_per_token`): with the paper's {n_routed} routed experts at ep 8 (8 experts on
+the busiest rank), {modes_k['coe'][1]:.2f} rows instead of {modes_k['coe'][0]} routed copies for CoE-2(4/64) and
+{modes_k['moe'][1]:.2f} instead of {modes_k['moe'][0]} for MoE(8/64) (the shared expert is local; with 64 routed
+experts and K = 4 or 8: 3.38 and 5.43). The slots travel in the rows' own all-to-all call. Columns: copies
+(the first table's numbers), dedup, dedup + fp8.
+
+Expert-parallel group inside one NVLink node (`--ep-size node`, ep = 8):
+
+{dispatch_table(modes["node"])}
+
+ep = min(GPUs, 63), as the first projection table: from 64 GPUs on every rank holds one expert, so every copy
+has its own rank and dedup cannot merge rows (it only adds its 8-byte slot per row); fp8 still halves the
+forward dispatch:
+
+{dispatch_table(modes["max"])}
+
+Token-level deduplication per node (DeepEP's normal kernels send a token once per node, then forward inside
+it) is not modelled: the dedup mode sends one row per destination rank.
+
 ## Limits
 
 * The local numbers come from gloo on 2 shared CPU cores; they validate the model's structure (latency per
@@ -469,11 +503,39 @@ B / bandwidth is small.
   all-to-alls; `moe.overlap` and `moe.a2a_chunks` hide part of them, measured by `benchmarks/overlap.py`), gradient
   reduction, attention kernels' real efficiency and load imbalance (uniform routing: pass measured skew
   through `Workload.imbalance`).
-* Token-level deduplication (DeepEP sends a token once per node, not once per expert) is not modelled: this
-  project's dispatcher sends one copy per (token, expert).
+* Deduplication is modelled per rank (`moe.dispatch: dedup`), not per node (DeepEP sends a token once per
+  node); the dedup fan-out and per-row sums are counted as the copies mode's regroup and unpermute phases.
 """
     out_md.write_text(md)
     return out_md
+
+
+DISPATCH_MODES = {"copies": ("copies", "bf16"), "dedup": ("dedup", "bf16"), "dedup+fp8": ("dedup", "fp8")}
+
+
+def dispatch_projections(profile, coe, moe, gpus: list[int], ep_mode: str) -> dict[str, list[dict]]:
+    """The projection of both models under each dispatch mode (moe.dispatch, moe.dispatch_dtype)."""
+    out = {}
+    for mode, (dispatch, wire) in DISPATCH_MODES.items():
+        models = [dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch, dispatch_dtype=wire))
+                  for cfg in (coe, moe)]
+        out[mode] = project.project(profile, models, gpus, ep_mode=ep_mode)
+    return out
+
+
+def dispatch_table(modes: dict[str, list[dict]]) -> str:
+    """Before (copies) / after (dedup, dedup + fp8): exposed all-to-all ms, MiB sent and tokens/s per GPU."""
+    names = list(modes)
+    lines = ["| GPUs | model | ep | " + " | ".join(f"a2a ms {m}" for m in names) + " | "
+             + " | ".join(f"MiB/GPU/step {m}" for m in names) + " | "
+             + " | ".join(f"tokens/s/GPU {m}" for m in names) + " |", "|" + "---|" * (3 + 3 * len(names))]
+    for i, base in enumerate(modes["copies"]):
+        rows = [modes[m][i] for m in names]
+        lines.append(f"| {base['gpus']} | {base['model']} | {base['ep_size']} | "
+                     + " | ".join(f"{r['a2a_ms']:.2f}" for r in rows) + " | "
+                     + " | ".join(f"{r['a2a_mib_per_step']:.0f}" for r in rows) + " | "
+                     + " | ".join(f"{r['tokens_per_s_per_gpu']:,.0f}" for r in rows) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

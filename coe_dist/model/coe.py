@@ -22,6 +22,7 @@ from coe_dist.config import MoEConfig, validate_moe
 from coe_dist.errors import UserError
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
 from coe_dist.model.router import GateRule, Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
+from coe_dist.parallel.dedup import DedupAllToAllDispatcher
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
 
 
@@ -31,8 +32,9 @@ def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
     from coe_dist.parallel.groups import expert_parallel_group
 
     group = expert_parallel_group(config.ep_size, config.num_experts)
-    return AllToAllDispatcher(config.num_experts, group, config.capacity_factor, layer=layer,
-                              chunks=config.a2a_chunks, overlap=config.overlap)
+    kind = DedupAllToAllDispatcher if config.dispatch == "dedup" else AllToAllDispatcher
+    return kind(config.num_experts, group, config.capacity_factor, layer=layer, chunks=config.a2a_chunks,
+                overlap=config.overlap, fp8=config.dispatch_dtype == "fp8")
 
 
 class StateDictMismatch(UserError, KeyError):

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
 from coe_dist.parallel.comm_stats import CommStats
+from coe_dist.parallel.fp8_wire import dequantize_rows, quantize_rows
 
 
 class RoutingMetadataError(UserError, RuntimeError):
@@ -210,6 +211,10 @@ class DispatchState:
     regroup_R: torch.Tensor  # received row order -> expert-major order
     inverse_R: torch.Tensor  # expert-major order -> received row order
 
+    @property
+    def num_tokens(self) -> int:
+        return self.perm.num_tokens
+
 
 Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by local expert, counts_E) -> rows
 
@@ -250,73 +255,105 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
 
 class _InFlight:
     """One data all-to-all between its start and wait nodes: forward receives `recv_splits` rows from each
-    rank and sends `send_splits`; backward sends the gradient back with the splits swapped."""
+    rank and sends `send_splits`; backward sends the gradient back with the splits swapped.
+
+    It carries one or more row-aligned tensors (same row count, any dtypes): several, or float8 rows, travel
+    as one uint8 buffer, each row the bytes of every tensor's row side by side, so that a row and its
+    metadata (dedup's slots) need one call. `fp8`: the first tensor's forward rows travel as e4m3 with a
+    float32 scale per row (fp8_wire.py) and arrive dequantized to its dtype; its backward gradient travels in
+    its own dtype (the quantization is straight-through)."""
 
     def __init__(self, owner: AllToAllDispatcher, iteration: int, direction: str, recv_splits: list[int],
-                 send_splits: list[int]) -> None:
+                 send_splits: list[int], *, fp8: bool = False) -> None:
         self.owner, self.iteration, self.direction = owner, iteration, direction
         self.splits = {"fwd": (recv_splits, send_splits), "bwd": (send_splits, recv_splits)}
+        self.fp8 = fp8
         self.work = self.issued_at = self.done_at = None
-        self.grad_out: torch.Tensor | None = None  # backward: the gradient exchange's output, until waited for
+        self.row_bytes = 0  # bytes per row on the wire of the exchange in flight
+        self.packed: torch.Tensor | None = None  # several tensors or fp8: the uint8 rows being received
+        self.widths: list[int] = []  # bytes of each tensor's row in `packed`
+        self.grad_out: tuple[torch.Tensor, ...] | None = None  # backward: the gradient exchange's outputs
 
-    def start(self, x: torch.Tensor, phase: str) -> torch.Tensor:
-        """Issue the exchange of x; returns the output buffer, filled in the background until `wait`."""
+    def start(self, xs: tuple[torch.Tensor, ...], phase: str) -> tuple[torch.Tensor, ...]:
+        """Issue the exchange of xs' rows; returns their output buffers, filled in the background until
+        `wait`."""
         out_splits, in_splits = self.splits[phase]
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        outs = tuple(x.new_empty((sum(out_splits), *x.shape[1:])) for x in xs)
+        quantized = self.fp8 and phase == "fwd"
+        if len(xs) == 1 and not quantized:
+            wire_in, wire_out, self.packed = xs[0].contiguous(), outs[0], None
+        else:
+            parts = [quantize_rows(xs[0]) if quantized else xs[0], *xs[1:]]
+            self.widths = [p.shape[1] * p.element_size() for p in parts]
+            wire_in = torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=1)
+            wire_out = self.packed = wire_in.new_empty((sum(out_splits), wire_in.shape[1]))
+        self.row_bytes = math.prod(wire_in.shape[1:]) * wire_in.element_size()
         self.issued_at = time.perf_counter()
-        self.work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.owner.group,
+        self.work = dist.all_to_all_single(wire_out, wire_in, out_splits, in_splits, group=self.owner.group,
                                            async_op=True)
         # gloo completes the future on its own thread when the exchange is done: its completion time. NCCL
         # completes it in stream order, which says nothing about host time, so CUDA records no in-flight time.
-        if x.device.type == "cpu":
+        if wire_in.device.type == "cpu":
             self.done_at = self.work.get_future().then(lambda _: time.perf_counter())
-        return out
+        return outs
 
-    def wait(self, out: torch.Tensor, phase: str) -> torch.Tensor:
-        """Block until the exchange is done (timed: the exposed part of its time); returns `out`."""
+    def wait(self, outs: tuple[torch.Tensor, ...], phase: str) -> tuple[torch.Tensor, ...]:
+        """Block until the exchange is done (timed: the exposed part of its time); returns `outs`, filled."""
         out_splits, in_splits = self.splits[phase]
         key = f"{self.direction}_{phase}"
-        with self.owner._timed(self.iteration, key, out, out_splits, in_splits):
+        with self.owner._timed(self.iteration, key, self.row_bytes, out_splits, in_splits, outs[0].device):
             self.work.wait()
         if self.done_at is not None:
             self.owner.in_flight_s[(self.iteration, key)] += self.done_at.wait() - self.issued_at
         self.work = self.done_at = None
-        return out
+        if self.packed is not None:
+            for i, (out, rows) in enumerate(zip(outs, self.packed.split(self.widths, dim=1), strict=True)):
+                if i == 0 and self.fp8 and phase == "fwd":
+                    out.copy_(dequantize_rows(rows, out.shape[-1]))
+                else:
+                    out.copy_(rows.contiguous().view(out.dtype))
+            self.packed = None
+        return outs
 
 
 class _StartAllToAll(torch.autograd.Function):
-    """Issues `flight`'s exchange of x and returns its output buffer, still being filled: read it only through
-    `_WaitAllToAll`. Backward waits for the gradient exchange that `_WaitAllToAll.backward` issued."""
+    """Issues `flight`'s exchange of xs and returns their output buffers, still being filled: read them only
+    through `_WaitAllToAll`. Backward waits for the gradient exchange that `_WaitAllToAll.backward` issued."""
 
     @staticmethod
-    def forward(ctx, x, flight):
+    def forward(ctx, flight, *xs):
         ctx.flight = flight
-        return flight.start(x, "fwd")
+        return flight.start(xs, "fwd")
 
     @staticmethod
-    def backward(ctx, _grad_placeholder):
+    def backward(ctx, *_grad_placeholders):
         flight = ctx.flight
-        grad_x, flight.grad_out = flight.wait(flight.grad_out, "bwd"), None
-        return grad_x, None
+        grads, flight.grad_out = flight.wait(flight.grad_out, "bwd"), None
+        return None, *grads
 
 
 class _WaitAllToAll(torch.autograd.Function):
-    """Waits for `flight`'s exchange; returns the filled buffer. Backward issues the gradient exchange and
-    returns at once: the nodes autograd runs before `_StartAllToAll.backward` overlap it. The gradient itself
-    is handed over through `flight`, not returned (it has the sender's row count, not this input's)."""
+    """Waits for `flight`'s exchange; returns the filled buffers. Backward issues the gradient exchange and
+    returns at once: the nodes autograd runs before `_StartAllToAll.backward` overlap it. The gradients
+    themselves are handed over through `flight`, not returned (they have the sender's row count)."""
 
     @staticmethod
-    def forward(ctx, buffer, flight):
+    def forward(ctx, flight, *buffers):
         ctx.flight = flight
-        return flight.wait(buffer, "fwd")
+        return flight.wait(buffers, "fwd")
 
     @staticmethod
-    def backward(ctx, grad):
-        ctx.flight.grad_out = ctx.flight.start(grad, "bwd")
-        return grad, None  # a placeholder for the start node, which ignores it
+    def backward(ctx, *grads):
+        ctx.flight.grad_out = ctx.flight.start(grads, "bwd")
+        return None, *grads  # placeholders for the start node, which ignores them
 
 
-Pending = tuple[torch.Tensor, _InFlight]  # an output buffer being filled, and its exchange
+Pending = tuple[tuple[torch.Tensor, ...], _InFlight]  # output buffers being filled, and their exchange
+
+
+def _wait(pending: Pending) -> tuple[torch.Tensor, ...]:
+    buffers, flight = pending
+    return _WaitAllToAll.apply(flight, *buffers)
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -329,7 +366,7 @@ class AllToAllDispatcher(LocalDispatcher):
     """
 
     def __init__(self, num_experts: int, group, capacity_factor: float | None = None, *, layer: int = 0,
-                 chunks: int = 1, overlap: bool = True) -> None:
+                 chunks: int = 1, overlap: bool = True, fp8: bool = False) -> None:
         super().__init__(num_experts, capacity_factor, layer=layer)
         self.group = group
         self.ep_size = dist.get_world_size(group)
@@ -337,21 +374,21 @@ class AllToAllDispatcher(LocalDispatcher):
         self.num_local = num_experts // self.ep_size
         self.chunks = chunks
         self.overlap = overlap
+        self.fp8 = fp8  # dispatch rows as float8 e4m3 + a scale per row (moe.dispatch_dtype: fp8)
         self.in_flight_s: defaultdict[tuple[int, str], float] = defaultdict(float)
 
-    def _timed(self, iteration: int, direction: str, x: torch.Tensor, out_splits: list[int],
-               in_splits: list[int]):
-        """`stats.timed` for one exchange of x's rows: bytes to and from the other ranks of the group."""
-        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    def _timed(self, iteration: int, direction: str, row_bytes: int, out_splits: list[int],
+               in_splits: list[int], device: torch.device):
+        """`stats.timed` for one exchange of rows of `row_bytes`: bytes to and from the other ranks."""
         sent = (sum(in_splits) - in_splits[self.ep_rank]) * row_bytes
         received = (sum(out_splits) - out_splits[self.ep_rank]) * row_bytes
-        return self.stats.timed(iteration, direction, sent, received, x.device)
+        return self.stats.timed(iteration, direction, sent, received, device)
 
     def run(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, iteration: int,
             wire_dtype: torch.dtype, experts: Experts, shared: Callable[[], torch.Tensor] | None = None
             ) -> torch.Tensor:
         states = self._plan(experts_TK, iteration)
-        sizes = [state.perm.num_tokens for state in states]
+        sizes = [state.num_tokens for state in states]
         chunks = list(zip(_split(x_TD, sizes), _split(weights_TK, sizes), states, strict=True))
         schedule = self._pipelined if self.overlap else self._sequential
         outs, shared_TD = schedule(chunks, wire_dtype, experts, shared)
@@ -361,15 +398,13 @@ class AllToAllDispatcher(LocalDispatcher):
     def _pipelined(self, chunks, wire_dtype, experts, shared):
         """Issue order: dispatch 0, [shared experts], dispatch 1, experts 0, combine 0, dispatch 2, experts 1,
         combine 1, ...; the combines are waited for after the last chunk's experts."""
-        x_TD, _, state = chunks[0]
-        dispatched = [self._send(x_TD, state, wire_dtype)]
+        dispatched = [self._send(*chunks[0], wire_dtype)]
         shared_TD = shared() if shared is not None else None  # while chunk 0's dispatch is in flight
         combined = []
         for c, (_, _, state) in enumerate(chunks):
             if c + 1 < len(chunks):  # in flight while this chunk's experts run
-                x_TD, _, next_state = chunks[c + 1]
-                dispatched.append(self._send(x_TD, next_state, wire_dtype))
-            combined.append(self._send_back(experts(self._receive(dispatched[c], state), state.counts_E), state))
+                dispatched.append(self._send(*chunks[c + 1], wire_dtype))
+            combined.append(self._send_back(self._expert_rows(dispatched[c], state, experts), state))
         return [self._receive_back(pending, state, w_TK)
                 for pending, (_, w_TK, state) in zip(combined, chunks, strict=True)], shared_TD
 
@@ -377,27 +412,36 @@ class AllToAllDispatcher(LocalDispatcher):
         """Each all-to-all waited for as soon as it is issued; the shared experts last (the pre-overlap path)."""
         outs = []
         for x_TD, w_TK, state in chunks:
-            y_RD = experts(self._receive(self._send(x_TD, state, wire_dtype), state), state.counts_E)
+            y_RD = self._expert_rows(self._send(x_TD, w_TK, state, wire_dtype), state, experts)
             outs.append(self._receive_back(self._send_back(y_RD, state), state, w_TK))
         return outs, shared() if shared is not None else None
 
     # ------------------------------------------------------------------ steps of one chunk
 
-    def _send(self, x_TD: torch.Tensor, state: DispatchState, wire_dtype: torch.dtype) -> Pending:
-        flight = _InFlight(self, state.iteration, "dispatch", state.recv_splits, state.send_splits)
-        return _StartAllToAll.apply(self._gather(x_TD, state.perm, wire_dtype), flight), flight
+    def _start(self, xs: tuple[torch.Tensor, ...], state, direction: str, *, fp8: bool = False) -> Pending:
+        """Issue one data all-to-all of the rows of xs: `dispatch` sends `state.send_splits` rows to each
+        rank, `combine` sends back what was received."""
+        splits = (state.recv_splits, state.send_splits)
+        flight = _InFlight(self, state.iteration, direction, *(splits if direction == "dispatch" else splits[::-1]),
+                           fp8=fp8)
+        return _StartAllToAll.apply(flight, *xs), flight
 
-    def _receive(self, pending: Pending, state: DispatchState) -> torch.Tensor:
-        x_RD = _WaitAllToAll.apply(*pending)
+    def _send(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState,
+              wire_dtype: torch.dtype) -> Pending:
+        return self._start((self._gather(x_TD, state.perm, wire_dtype),), state, "dispatch", fp8=self.fp8)
+
+    def _expert_rows(self, pending: Pending, state: DispatchState, experts: Experts) -> torch.Tensor:
+        """Wait for the dispatched rows, run the local experts; returns their outputs in received order."""
+        (x_RD,) = _wait(pending)
         # Received rows are ordered (source rank, local expert); the experts want (local expert, source rank).
-        return _PermuteRows.apply(x_RD, state.regroup_R, state.inverse_R)
+        y_RD = experts(_PermuteRows.apply(x_RD, state.regroup_R, state.inverse_R), state.counts_E)
+        return _PermuteRows.apply(y_RD, state.inverse_R, state.regroup_R)
 
     def _send_back(self, y_RD: torch.Tensor, state: DispatchState) -> Pending:
-        flight = _InFlight(self, state.iteration, "combine", state.send_splits, state.recv_splits)
-        return _StartAllToAll.apply(_PermuteRows.apply(y_RD, state.inverse_R, state.regroup_R), flight), flight
+        return self._start((y_RD,), state, "combine")
 
     def _receive_back(self, pending: Pending, state: DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
-        return unpermute(_WaitAllToAll.apply(*pending), state.perm, weights_TK)
+        return unpermute(_wait(pending)[0], state.perm, weights_TK)
 
     # ------------------------------------------------------------------ routing metadata
 
@@ -410,10 +454,7 @@ class AllToAllDispatcher(LocalDispatcher):
                                   chunk_sizes(experts_TK.shape[0], C))
         # Experts of rank p are contiguous, so copies sorted by expert are sorted by destination rank.
         counts_CPE = torch.stack([perm.counts_N for perm in perms]).view(C, P, E)
-        wire_PCE1 = torch.cat([counts_CPE, counts_CPE.sum(2, keepdim=True)], 2).transpose(0, 1).contiguous()
-        if fault_point("dispatch.counts") == "corrupt":
-            wire_PCE1[0, 0, 0] += 1  # what a bit flip or a routing bug would send: counts that do not add up
-        recv_CPE1 = _all_to_all(wire_PCE1.view(P, -1), [1] * P, [1] * P, self.group).view(P, C, E + 1).transpose(0, 1)
+        recv_CPE1 = self._exchange_counts(counts_CPE, counts_CPE.sum(2))
         recv_counts_CPE = recv_CPE1[..., :E]
         send_splits, recv_splits, announced, smallest = torch.stack(
             [counts_CPE.sum(2), recv_counts_CPE.sum(2), recv_CPE1[..., E], recv_counts_CPE.min(2).values]).tolist()
@@ -427,6 +468,15 @@ class AllToAllDispatcher(LocalDispatcher):
             states.append(DispatchState(perm, recv_counts_CPE[c].sum(0), iteration, send_splits[c],
                                         recv_splits[c], regroup_R, _inverse(regroup_R)))
         return states
+
+    def _exchange_counts(self, counts_CPE: torch.Tensor, rows_CP: torch.Tensor) -> torch.Tensor:
+        """One all-to-all of every chunk's per-local-expert copy counts and row count (the sender's own
+        total, checked by the receiver) for each rank; returns what each rank sent here, [C, P, E+1]."""
+        C, P, E = counts_CPE.shape
+        wire_PCE1 = torch.cat([counts_CPE, rows_CP.unsqueeze(2)], 2).transpose(0, 1).contiguous()
+        if fault_point("dispatch.counts") == "corrupt":
+            wire_PCE1[0, 0, 0] += 1  # what a bit flip or a routing bug would send: counts that do not add up
+        return _all_to_all(wire_PCE1.view(P, -1), [1] * P, [1] * P, self.group).view(P, C, E + 1).transpose(0, 1)
 
     def _check_metadata(self, send_splits: list[int], recv_splits: list[int], announced: list[int],
                         smallest: list[int], rows: int, recv_counts_PE: torch.Tensor, iteration: int,
