@@ -163,6 +163,10 @@ CASES = {
                                         dict(num_shared_experts=0, independent_gating=False, iterations=3)),
     "gqa-qknorm-bias-norm-outer": (dict(num_kv_heads=1, qk_norm=True, qkv_bias=True),
                                    dict(norm_topk_prob=True, outer_residual=True, inner_residual=False)),
+    "sigmoid-bias-groups-k1-scaled": ({}, dict(router_score="sigmoid", expert_bias_rate=0.01, routing_groups=2,
+                                               routing_group_topk=1, top_k=1, routed_scaling_factor=2.5)),
+    "renorm-then-scale-k1": ({}, dict(gate_scaling="renorm_then_scale", norm_topk_prob=True, top_k=1,
+                                      routed_scaling_factor=2.5)),
 }
 
 
@@ -179,6 +183,8 @@ def test_hf_export_of_any_architecture_loads_and_matches(tmp_path, case):
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.2)
+        for router in (r for layer in model.coe_layers() for r in layer.routers if r.expert_bias is not None):
+            router.expert_bias.copy_(torch.randn(router.expert_bias.shape) * 0.2)  # as if trained: it must export
     export_hf(cfg, model, tmp_path)
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True,
                                                                  output_loading_info=True)

@@ -50,6 +50,9 @@ def hf_config(cfg: RunConfig, eod: int | None) -> dict:
             "shared_expert_gate": moe.shared_expert_gate, "inner_residual": moe.inner_residual,
             "outer_residual": moe.outer_residual, "use_igate": moe.independent_gating,
             "norm_topk_prob": moe.norm_topk_prob, "routed_scaling_factor": moe.routed_scaling_factor,
+            "gate_scaling": moe.gate_scaling, "scoring_func": moe.router_score,
+            "expert_bias": moe.expert_bias_rate > 0, "n_group": moe.routing_groups,
+            "topk_group": moe.routing_group_topk,
             "eos_token_id": eod, "use_cache": False, "torch_dtype": "float32"}
 
 
@@ -57,7 +60,9 @@ def export_hf(cfg: RunConfig, model: CoETransformer, out_dir: Path) -> list[str]
     """Write the directory; returns notes for the user (one line each), e.g. a dropped capacity factor."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").unlink(missing_ok=True)  # an older export's config must not bless new files
-    tensors = {hf_name(name): p.detach().contiguous() for name, p in model.named_parameters()}
+    # Parameters and the routers' expert biases (buffers: aux-loss-free balancing chose experts with them).
+    tensors = {hf_name(name): t.detach().contiguous() for name, t in model.state_dict(keep_vars=True).items()
+               if name in dict(model.named_parameters()) or name.endswith(".expert_bias")}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     eod = None
     if cfg.data.tokenizer != "byte":

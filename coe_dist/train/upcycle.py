@@ -96,6 +96,8 @@ def hf_run_config(src: Path, hf: dict, iterations: int, top_k: int | None) -> Ru
                     shared_expert_hidden_size=hf.get("shared_expert_intermediate_size") if fam.shared else None,
                     shared_expert_gate=fam.shared, inner_residual=iterations > 1, outer_residual=True,
                     independent_gating=True, norm_topk_prob=bool(hf.get("norm_topk_prob", family == "mixtral")),
+                    # transformers renormalises the top-k gates at any K, K = 1 included (gate 1.0)
+                    gate_scaling="renorm_then_scale",
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="global")
     return _run_config(model, moe)
 

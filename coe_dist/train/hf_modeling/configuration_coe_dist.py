@@ -16,7 +16,8 @@ class CoeDistConfig(PreTrainedConfig):
                  n_routed_experts=8, num_experts_per_tok=2, inner_iter=2, n_shared_experts=1,
                  moe_intermediate_size=128, shared_expert_intermediate_size=None, shared_expert_gate=False,
                  inner_residual=True, outer_residual=False, use_igate=True, norm_topk_prob=False,
-                 routed_scaling_factor=1.0, tie_word_embeddings=False, **kwargs):
+                 routed_scaling_factor=1.0, gate_scaling="reference", scoring_func="softmax", expert_bias=False,
+                 n_group=1, topk_group=1, tie_word_embeddings=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -41,4 +42,8 @@ class CoeDistConfig(PreTrainedConfig):
         self.use_igate = use_igate
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
+        self.gate_scaling = gate_scaling  # reference | renorm_then_scale
+        self.scoring_func = scoring_func  # softmax | sigmoid
+        self.expert_bias = expert_bias  # a per-router bias that only chooses experts (aux-loss-free balancing)
+        self.n_group, self.topk_group = n_group, topk_group  # device-limited routing: the best topk_group groups
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -5,9 +5,9 @@
                          h_t = sum_k g_k E_k(h_{t-1}) + shared(h_{t-1}) (+ h_{t-1} if inner_residual), t = 1..C
                          x = h_C (+ x if outer_residual) ] x layers  -> RMSNorm -> LM head
 
-The first `first_k_dense_replace` layers use x += SwiGLU(RMSNorm(x)) instead. Gating (COE_SPEC): softmax of
-h W_t^T in float32, top-k; the k weights are renormalised when k > 1 and norm_topk_prob, else multiplied by
-routed_scaling_factor. Routing is dropless and without a KV cache (generate() runs with use_cache=False);
+The first `first_k_dense_replace` layers use x += SwiGLU(RMSNorm(x)) instead. Gating (COE_SPEC): scores of
+h W_t^T in float32, top-k, gate rule: see Router (scores, expert bias, groups, renormalisation, scaling).
+Routing is dropless and without a KV cache (generate() runs with use_cache=False);
 padding masks are not supported (batches of equal-length sequences).
 Shape legend: B = batch, L = sequence, D = hidden, H = heads, Dh = head size, T = tokens, N = experts.
 """
@@ -100,20 +100,41 @@ class Experts(nn.Module):
 
 
 class Router(nn.Module):
+    """Scores (softmax or sigmoid), top-k of score + expert bias within the best topk_group of n_group groups;
+    gates from the unbiased scores: renormalised when k > 1 and norm_topk_prob, else scaled (gate_scaling
+    reference); renormalised when norm_topk_prob, then scaled (renorm_then_scale); sigmoid: renormalised, scaled."""
+
     def __init__(self, config):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.top_k, self.norm, self.scale = (config.num_experts_per_tok, config.norm_topk_prob,
                                              config.routed_scaling_factor)
+        self.scoring, self.scaling = config.scoring_func, config.gate_scaling
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.register_buffer("expert_bias", torch.zeros(config.n_routed_experts) if config.expert_bias else None)
 
     def forward(self, h_TD):
-        probs_TN = F.linear(h_TD.float(), self.weight.float()).softmax(dim=-1)
-        weights_TK, experts_TK = probs_TN.topk(self.top_k, dim=-1)
-        if self.top_k > 1 and self.norm:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        logits_TN = F.linear(h_TD.float(), self.weight.float())
+        scores_TN = logits_TN.sigmoid() if self.scoring == "sigmoid" else logits_TN.softmax(dim=-1)
+        choice_TN = scores_TN if self.expert_bias is None else scores_TN + self.expert_bias.float()
+        if self.n_group > 1:
+            T, N = choice_TN.shape
+            grouped = choice_TN.view(T, self.n_group, N // self.n_group)
+            best = grouped.amax(dim=-1).topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros(T, self.n_group, dtype=torch.bool, device=h_TD.device).scatter_(1, best, True)
+            choice_TN = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, N)
+        experts_TK = choice_TN.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TN.gather(1, experts_TK)
+        if self.scoring == "sigmoid":
+            renorm, scale = True, True
+        elif self.scaling == "reference":
+            renorm = self.top_k > 1 and self.norm
+            scale = not renorm
         else:
-            weights_TK = weights_TK * self.scale
-        return weights_TK, experts_TK
+            renorm, scale = self.norm, True
+        if renorm:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights_TK * self.scale if scale else weights_TK), experts_TK
 
 
 class CoEBlock(nn.Module):
