@@ -5,4 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-exec .venv/bin/coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2 "$@"
+# The demo's run directory holds only the demo: a second quickstart replaces the first one's run (a run dir
+# belongs to one run; without --overwrite coe-dist refuses to mix them). With --resume it continues instead.
+fresh=(--overwrite)
+for arg in "$@"; do
+    [[ "$arg" == --resume* ]] && fresh=()
+done
+exec .venv/bin/coe-dist train --config configs/tiny.yaml --nproc 2 --set moe.ep_size=2 "${fresh[@]}" "$@"
