@@ -1,6 +1,6 @@
 """`coe-dist slurm submit|status|cancel`: submit slurm/train.sbatch without hiding it.
 
-    coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--partition Q] [--time T]
+    coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--partition Q] [--account A] [--time T]
                           [--gpus-per-node G] [--container IMAGE] [--set K=V ...] [--dry-run] [--wait]
                           [--check]   (`coe-dist check` on that layout instead: slurm/bench.sbatch)
     coe-dist slurm status JOBID
