@@ -281,6 +281,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=50")
     path, value = text.split("=", 1)
+    if "\n" in value or "\r" in value:  # YAML would read a line break + `#...` as a comment and cut it off
+        raise ConfigError(f"--set {text!r}: the value holds a line break; give one line (quote it in the shell)")
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: expected section.key=value with one dot, e.g. --set moe.top_k=2")

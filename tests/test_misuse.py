@@ -126,6 +126,8 @@ CASES = [
      "nothing"),
     ("set-yaml-unclosed-map", ["--set", "train.steps={a"], 2, ["train.steps={a", "not valid YAML"], "nothing"),
     ("set-yaml-tab", ["--set", "log.run_dir=\t@x: y"], 2, ["log.run_dir", "not valid YAML"], "nothing"),
+    ("set-yaml-backtick", ["--set", "train.steps=`x"], 2, ["train.steps=`x", "not valid YAML"], "nothing"),
+    ("set-line-break-comment", ["--set", "log.run_dir=runs/a\n# b"], 2, ["log.run_dir", "line break"], "nothing"),
     ("duplicate-key", ["--config", "{tmp}/dup-key.yaml"], 2, ["dup-key.yaml", "'steps' appears twice"], "nothing"),
     ("duplicate-section", ["--config", "{tmp}/dup-section.yaml"], 2, ["'train' appears twice"], "nothing"),
     ("nproc-zero", ["--nproc", "0"], 2, ["--nproc 0", ">= 1"], "nothing"),
