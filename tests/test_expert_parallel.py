@@ -19,7 +19,7 @@ on sequences [r*B/W, (r+1)*B/W). Comparisons:
   moe.expert_bias_rate, two steps each followed by the bias update: the ranks' biases must be identical
   and equal the update computed here from the whole batch's loads (the reference's step 2 uses them).
 - float64 cases: weights, batch, reference and ranks all in float64, relative error under 1e-10;
-- `moe.dispatch_dtype: fp8`: within e4m3's relative rounding bound 2^-4 (tests/test_fp8_wire.py), and
+- `moe.dispatch_dtype: fp8`: within C times e4m3's relative rounding bound 2^-4 (tests/test_fp8_wire.py), and
   not equal to the float path (the rows really were quantized).
 """
 
@@ -41,7 +41,10 @@ B, L = 8, 4  # global batch: sequences x length
 T = B * L
 RTOL = 1e-5
 RTOL_FLOAT64 = 1e-10
-FP8_TOL = 2.0 ** -4  # e4m3: 3 mantissa bits, round to nearest
+# e4m3 (3 mantissa bits, round to nearest): each dispatched element within 2^-4 relative. A quantity behind
+# C quantized dispatches (iteration t's rows feed iteration t+1's router and experts) carries up to C such
+# errors to first order: the bound is C * 2^-4 (the fp8 cases have C = 2).
+FP8_TOL_PER_DISPATCH = 2.0 ** -4
 ROW_BYTES = D * 4  # float32 rows on the wire
 LAUNCH_TIMEOUT_S = {2: 300, 4: 420}  # normally ~30 s each; generous for a loaded machine
 
@@ -84,7 +87,7 @@ class Case:
 
     @property
     def rtol(self) -> float:
-        return FP8_TOL if self.fp8 else RTOL_FLOAT64 if self.dtype == torch.float64 else RTOL
+        return self.C * FP8_TOL_PER_DISPATCH if self.fp8 else RTOL_FLOAT64 if self.dtype == torch.float64 else RTOL
 
 
 def pick(choices, K):
@@ -441,7 +444,7 @@ def test_dedup_bytes_hand_counted(world2, world4):
 @pytest.mark.parametrize("case", [c for c in CASES if c.fp8], ids=lambda c: c.name)
 def test_fp8_dispatch_within_e4m3_bound(request, case):
     res = _result(request, case)
-    errors = _check_matches_reference(res)  # relative error under 2^-4 everywhere
+    errors = _check_matches_reference(res)  # relative error under C * 2^-4 everywhere
     assert errors["out"] > 1e-6, "fp8 dispatch matched the float path exactly: were the rows quantized?"
 
 
