@@ -95,13 +95,18 @@ def test_full_run_directory_fails(tmp_path):
 
 
 def test_unwritable_run_directory_fails(tmp_path):
+    import dataclasses
+
+    import torch
+
     from coe_dist.check.disk import check_disk
     from coe_dist.check.verdict import Context
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    cfg = load_config(TINY, [f"log.run_dir={blocker / 'run'}"])
-    import torch
+    # A run dir below a regular file: load_config refuses that path itself, so it is set after loading.
+    cfg = load_config(TINY, [f"log.run_dir={tmp_path / 'ok'}"])
+    cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, run_dir=str(blocker / "run")))
 
     v = check_disk(Context(cfg, 0, 1, 0, torch.device("cpu"), "gloo", None, tmp_path, hosts=["here"]))
     assert v.status == "FAIL" and "rank 0 (here) cannot write it" in v.text and "log.run_dir" in v.text
