@@ -49,8 +49,9 @@ def reference_config(moe: MoEConfig, model: ModelConfig) -> dict:
             "outer_residual": moe.outer_residual, "n_shared_experts": moe.num_shared_experts or None,
             "moe_intermediate_size": moe.expert_hidden_size, "norm_topk_prob": moe.norm_topk_prob,
             "routed_scaling_factor": moe.routed_scaling_factor, "aux_loss_alpha": moe.aux_loss_coef,
-            "seq_aux": moe.aux_loss_type == "seq", "scoring_func": "softmax", "topk_method": "greedy",
-            "n_group": 1, "topk_group": 1, "ep_size": 1}
+            "seq_aux": moe.aux_loss_type == "seq", "scoring_func": "softmax",
+            "topk_method": "group_limited_greedy" if moe.routing_groups > 1 else "greedy",
+            "n_group": moe.routing_groups, "topk_group": moe.routing_group_topk, "ep_size": 1}
 
 
 def unmapped(model: CoETransformer) -> list[str]:
@@ -62,6 +63,15 @@ def unmapped(model: CoETransformer) -> list[str]:
     if moe is not None and moe.shared_expert_hidden_size not in (None, moe.num_shared_experts * moe.expert_hidden_size):
         notes.append(f"moe.shared_expert_hidden_size={moe.shared_expert_hidden_size} is not "
                      "n_shared_experts * moe_intermediate_size")
+    if moe is not None and moe.router_score != "softmax":
+        notes.append(f"moe.router_score={moe.router_score}: the reference scores with softmax")
+    if moe is not None and moe.expert_bias_rate > 0:
+        notes.append("the routers' expert biases (moe.expert_bias_rate) do not map: the reference chooses experts "
+                     "without them, so its routing differs (the hf format keeps them)")
+    if moe is not None and moe.gate_scaling != "reference" and moe.norm_topk_prob and (
+            moe.top_k == 1 or moe.routed_scaling_factor != 1):
+        notes.append("moe.gate_scaling=renorm_then_scale: the reference renormalises only when K > 1 and then "
+                     "does not scale, so its gates differ")
     return notes
 
 

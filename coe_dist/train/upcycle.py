@@ -218,7 +218,8 @@ def reference_run_config(ref: dict) -> RunConfig:
                     norm_topk_prob=bool(ref.get("norm_topk_prob", False)),
                     routed_scaling_factor=float(ref.get("routed_scaling_factor", 1.0)),
                     aux_loss_coef=float(ref.get("aux_loss_alpha", 0.001)),
-                    aux_loss_type="seq" if ref.get("seq_aux", True) else "global")
+                    aux_loss_type="seq" if ref.get("seq_aux", True) else "global",
+                    **_reference_groups(ref))
     if ref.get("moe_layer_freq", 1) != 1:
         raise ConfigError(f"--from-reference: config.json moe_layer_freq={ref['moe_layer_freq']}: only 1 maps "
                           "(every layer after first_k_dense_replace a CoE layer)")
@@ -235,3 +236,14 @@ def import_reference_checkpoint(src: Path, out: Path) -> tuple[Path, list[str]]:
     notes = [f"{ATTENTION_NOTE}: its {len(skipped)} attention tensors are left out and coe-dist's attention "
              "starts from a fresh initialisation"]
     return _write(cfg, model, out, src), notes
+
+
+def _reference_groups(ref: dict) -> dict:
+    """The reference's topk_method: greedy, or group_limited_greedy over n_group groups (device-limited)."""
+    method = ref.get("topk_method", "greedy")
+    if method == "greedy":
+        return {}
+    if method != "group_limited_greedy":
+        raise ConfigError(f"--from-reference: config.json topk_method={method!r}: only greedy and "
+                          "group_limited_greedy map")
+    return {"routing_groups": int(ref["n_group"]), "routing_group_topk": int(ref["topk_group"])}
