@@ -25,8 +25,6 @@ def _eval(args: argparse.Namespace) -> int:
     from coe_dist.data.loader import build_data
     from coe_dist.train.loop import evaluate
 
-    if args.batches < 0:
-        raise ConfigError(f"--batches {args.batches}: must be >= 0 (0 = the run's log.eval_batches)")
     cfg, model, ckpt = load_model(args.checkpoint, args.overrides)
     data = build_data(cfg, dp_rank=0, dp_size=1)
     batches = data.valid_batches(args.batches or cfg.log.eval_batches or 4)
@@ -55,8 +53,6 @@ def greedy(model: CoETransformer, ids: list[int], max_new_tokens: int, eod: int 
 def _generate(args: argparse.Namespace) -> int:
     from coe_dist.data.tokenizer import load_tokenizer
 
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if not args.prompt:
         raise ConfigError("--prompt '': empty; give the text to continue, e.g. --prompt \"Tom has 3 apples\"")
     cfg, model, ckpt = load_model(args.checkpoint, args.overrides)
