@@ -55,12 +55,14 @@ def _spawn_locked(cfg, args: argparse.Namespace) -> int:
     """The run-directory checks and lock, here before any trainer starts; the lock is held for the job."""
     from pathlib import Path
 
+    from coe_dist.data.loader import check_dataset_files
     from coe_dist.faults import restart_count
     from coe_dist.train import rundir
 
     run_dir = Path(cfg.log.run_dir)
     rundir.check_run_dir(run_dir)
     rundir.preflight(cfg, args.resume, args.overwrite, restart_count() > 0)
+    check_dataset_files(cfg)
     lock = rundir.RunLock(run_dir)
     lock.acquire(say=print)
     os.environ[rundir.LOCK_OWNER_VAR] = str(os.getpid())  # rank 0 then knows the lock is held for it

@@ -87,6 +87,15 @@ def _resolve_prefixes(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list[str],
     return [embedded if p == "embedded" else p for p in prefixes]
 
 
+def check_dataset_files(cfg: RunConfig) -> None:
+    """The .bin/.idx pairs of data.dataset (every prefix of a blend) and data.valid_dataset exist and agree:
+    a launcher calls it before starting any rank (a rank that failed alone would leave its peers waiting)."""
+    prefixes = parse_blend(cfg.data.dataset)[0] + ([cfg.data.valid_dataset] if cfg.data.valid_dataset else [])
+    for prefix in prefixes:
+        if prefix != "embedded":
+            inspect_indexed(prefix)
+
+
 def _check_prefixes(cfg: RunConfig, tokenizer: Tokenizer, prefixes: list[str]) -> list[IndexedInfo]:
     infos = [inspect_indexed(p) for p in prefixes]
     vocab, need = cfg.model.vocab_size, cfg.train.seq_len + 1
