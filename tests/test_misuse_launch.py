@@ -399,15 +399,18 @@ def test_arguments_and_environment_reach_the_job_as_given(capsys, tmp_path) -> N
     exactly what was typed, and no command inside a value runs."""
     marker = tmp_path / "pwned"
     hostile = [f"data.cache_dir=$(touch {marker})", f"data.tokenizer=x`touch {marker}`", "data.valid_dataset=a;b c",
-               'data.valid_dataset=it\'s "quoted"', f"data.cache_dir=x\ntouch {marker}"]
-    code, script, err = _submit(capsys, tmp_path, *_sets(*hostile), "--container", f"img'; touch {marker}; '")
+               'data.valid_dataset=it\'s "quoted"']
+    # A line break in a --set value is refused before anything is rendered (YAML would cut it at a '#').
+    code, script, err = _submit(capsys, tmp_path, *_sets(f"data.cache_dir=x\ntouch {marker}"))
+    assert code == 2 and "line break" in err and not script, err
+    code, script, err = _submit(capsys, tmp_path, *_sets(*hostile), "--container", f"img'; touch {marker};\n '")
     assert code == 0, err
     assert {o.split("=", 1)[0] for o in _sbatch_options(script)} == EXPECTED
     block = script[script.index("# ---- rendered"):]
     block = block[:block.index("# ----\n", 10) + 7]
     shown = subprocess.run(["bash", "-c", block + 'printf "%s\\0" "$CONTAINER_IMAGE" "$@"'], capture_output=True,
                            check=True).stdout.decode().split("\0")[:-1]
-    assert shown[0] == f"img'; touch {marker}; '"
+    assert shown[0] == f"img'; touch {marker};\n '"
     assert shown[1:] == [str(tmp_path / "config.yaml"), *_sets(*hostile)]
     assert not marker.exists()
 
