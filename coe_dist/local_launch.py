@@ -51,9 +51,26 @@ def run_local(nproc: int, module: str, module_args: list[str], *, debug: bool = 
     return run_torchrun(cmd, drop=dropped, debug=debug)
 
 
+def _is_rendezvous_teardown_race(unraisable) -> bool:
+    """torchrun's rendezvous keep-alive thread is stopped by a weakref finalizer; when the collector runs it on
+    that thread itself (at exit, now and then) it prints "Exception ignored ... cannot join current thread":
+    a harmless race inside torch, not the job's outcome."""
+    exc, tb, names = unraisable.exc_value, unraisable.exc_traceback, set()
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return isinstance(exc, RuntimeError) and str(exc) == "cannot join current thread" and "_stop_thread" in names
+
+
+def _drop_rendezvous_teardown_race(unraisable, hook=sys.unraisablehook) -> None:
+    if not _is_rendezvous_teardown_race(unraisable):
+        hook(unraisable)
+
+
 def run_torchrun(torchrun_args: list[str], *, drop: Sequence[str] = (), debug: bool = False) -> int:
     """torchrun with these arguments (any of its options, then the program), its agent in this process: the
     exit code of the job, 128 + a signal that stopped it, or a failed trainer's code after its one line."""
+    sys.unraisablehook = _drop_rendezvous_teardown_race  # for the rest of this process: the race is at exit
     # mkdtemp: mode 0700. torchrun's log directory and the trainers' temporary files land in it.
     with tempfile.TemporaryDirectory(prefix="coe-dist-") as tmp, _job_environment(tmp, drop), \
             _quiet_agent(debug), _signals_restored():
