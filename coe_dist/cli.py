@@ -65,11 +65,10 @@ def _spawn_locked(cfg, args: argparse.Namespace) -> int:
     check_dataset_files(cfg)
     lock = rundir.RunLock(run_dir)
     lock.acquire(say=print)
-    os.environ[rundir.LOCK_OWNER_VAR] = str(os.getpid())  # rank 0 then knows the lock is held for it
-    try:
-        return spawn_torchrun(args.nproc, ["coe_dist.train", *_train_argv(args)], debug=getattr(args, "debug", False))
+    try:  # LOCK_OWNER_VAR: rank 0 then knows the lock is held for it
+        return spawn_torchrun(args.nproc, ["coe_dist.train", *_train_argv(args)],
+                              env={rundir.LOCK_OWNER_VAR: str(os.getpid())}, debug=getattr(args, "debug", False))
     finally:
-        os.environ.pop(rundir.LOCK_OWNER_VAR, None)
         lock.release()
 
 
