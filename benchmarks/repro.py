@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/repro.py [--seeds 1,2] [--steps 300] [--configs coe-2-4of64,moe-8of64]
     .venv/bin/python benchmarks/repro.py --configs coe-2-4of64,coe-2-4of64+auxfree --seeds 1,2,3
+    .venv/bin/python benchmarks/repro.py --configs moe-8of64@continued,coe-2-4of64@upcycled --seeds 1,2
     .venv/bin/python benchmarks/repro.py --summarise runs/paper-repro --out runs/paper-repro/repro.md
 
 Preprocesses ../shared/data/gsm8k (train for training, test for validation) with the GPT-NeoX tokenizer,
@@ -11,6 +12,9 @@ difference per seed of each compared pair (the same seed means the same data ord
 loss against step. A config name may carry variants, `NAME+VARIANT[+VARIANT]` (VARIANTS below: a set of
 `--set` overrides on configs/repro/NAME.yaml). Runs that already finished (their metrics.jsonl reaches the
 last step) are not rerun; an interrupted one continues from its last checkpoint (--resume auto).
+A continuation `NAME@HOW` (CONTINUATIONS below) trains configs/repro/NAME.yaml for --continue-steps steps from a
+finished run of the same seed (trained first if missing): `train --init-from`, its weights with a fresh optimizer
+and schedule; @upcycled first turns the MoE run into a CoE checkpoint (`convert import --from-checkpoint`).
 """
 
 from __future__ import annotations
@@ -76,12 +80,21 @@ VARIANTS = {
     "devlim": ("moe.routing_groups=2", "moe.routing_group_topk=1"),
     "sigmoid": ("moe.router_score=sigmoid",),
 }
+# Continuations (issue 14.6): NAME@HOW -> (the run it starts from, `convert import --from-checkpoint` arguments or
+# None to start from the run's own weights). The same seed: the same data order and the same source run.
+CONTINUATIONS = {
+    "moe-8of64@continued": ("moe-8of64", None),
+    # the MoE's 7 of 64 routed experts per token become 2 iterations x 3 (each router a copy of the MoE's)
+    "coe-2-4of64@upcycled": ("moe-8of64", ["--iterations", "2", "--top-k", "3"]),
+}
 WALL = "repro_wall.json"  # <run_dir>/repro_wall.json: seconds this harness spent on the run, over its attempts
 
 
 def config_and_overrides(name: str) -> tuple[Path, list[str]]:
     """`coe-2-4of64+auxfree` -> (configs/repro/coe-2-4of64.yaml, the auxfree overrides)."""
-    base, *variants = name.split("+")
+    if "@" in name and name not in CONTINUATIONS:
+        raise SystemExit(f"repro: unknown continuation '{name}': use one of {', '.join(CONTINUATIONS)}")
+    base, *variants = name.split("@")[0].split("+")
     config = ROOT / "configs" / "repro" / f"{base}.yaml"
     if not config.is_file():
         raise SystemExit(f"repro: {config} does not exist: use a name from configs/repro")
@@ -92,12 +105,12 @@ def config_and_overrides(name: str) -> tuple[Path, list[str]]:
 
 
 def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
-          run_dir: Path) -> float:
+          run_dir: Path, init_from: Path | None = None) -> float:
     """One 2-rank run, resumed from its last checkpoint if it has one; returns the wall time of this attempt
     and adds it to <run_dir>/repro_wall.json."""
     config, variant = config_and_overrides(name)
     args = [sys.executable, "-m", "coe_dist.cli", "train", "--config", str(config), "--nproc", "2",
-            "--resume", "auto"]
+            "--resume", "auto", *(["--init-from", str(init_from)] if init_from else [])]
     for o in (f"train.seed={seed}", f"train.steps={steps}", f"log.run_dir={run_dir}",
               f"data.dataset={data['train']}", f"data.valid_dataset={data['test']}", f"data.tokenizer={tokenizer}",
               f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}",
@@ -113,6 +126,22 @@ def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, t
         seconds = time.perf_counter() - start
         record_wall_time(run_dir, seconds)
     return seconds
+
+
+def continuation_start(name: str, seed: int, steps: int, train_source) -> Path:
+    """The checkpoint a continuation starts from: the source run (trained by `train_source` if unfinished),
+    converted by `convert import --from-checkpoint` for an upcycling."""
+    source_name, convert = CONTINUATIONS[name]
+    source = ROOT / "runs" / "repro" / f"{source_name}-seed{seed}"
+    if not finished(source, steps):
+        train_source(source_name, source)
+    if convert is None:
+        return source
+    init = ROOT / "runs" / "repro" / "init" / f"{name}-seed{seed}"  # not a run: outside the *-seed* glob
+    if not (init / "checkpoints").is_dir():
+        subprocess.run([sys.executable, "-m", "coe_dist.cli", "convert", "import", "--from-checkpoint", str(source),
+                        "--output", str(init), "--seed", str(seed), *convert], check=True, cwd=ROOT)
+    return init
 
 
 def record_wall_time(run_dir: Path, seconds: float) -> None:
@@ -134,6 +163,8 @@ CLAIMS = [
     ("coe-2-4of64", "coe-2-4of64-shared-gating", "lower", "independent gating beats one shared router"),
     ("coe-2-4of64", "coe-2-4of64-outer-residual", "lower", "the inner residual beats an outer one"),
     ("dense-8of8-c2", "dense-8of8-c1", "lower", "dense control: a second pass helps even without routing"),
+    ("coe-2-4of64@upcycled", "moe-8of64@continued", "lower",
+     "upcycling: MoE(8/64) turned into CoE-2(4/64) beats the MoE continued for as many tokens (issue 14.6)"),
 ]
 
 
@@ -299,7 +330,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--configs", default="", help="comma-separated names from configs/repro (default: all)")
+    p.add_argument("--configs", default="", help="comma-separated names from configs/repro, with +variants or as "
+                   f"continuations ({', '.join(CONTINUATIONS)}); default: every config")
+    p.add_argument("--continue-steps", type=int, default=150, help="steps of a continuation (default 150: half "
+                   "the runs' tokens again)")
     p.add_argument("--out", default=str(ROOT / "docs" / "repro.md"))
     p.add_argument("--summarise", metavar="DIR", help="only tabulate the runs in DIR (e.g. runs/paper-repro from "
                    "slurm/repro.sh): <config>-seed<S>/ directories")
@@ -324,11 +358,19 @@ def main() -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             run_dir = ROOT / "runs" / "repro" / f"{name}-seed{seed}"
             run_dirs.setdefault(name, []).append(run_dir)
-            if finished(run_dir, args.steps):
+            steps = args.continue_steps if name in CONTINUATIONS else args.steps
+            if finished(run_dir, steps):
                 continue
-            print(f"repro: {name} seed {seed}: training (log: {run_dir}.log)", flush=True)
-            seconds = train(name, seed, args.steps, data, vocab, tokenizer, run_dir)
-            print(f"repro: {name} seed {seed}: {seconds:.0f} s", flush=True)
+
+            def run(name: str, run_dir: Path, steps: int, init: Path | None = None, seed: int = seed) -> None:
+                print(f"repro: {name} seed {seed}: training (log: {run_dir}.log)", flush=True)
+                seconds = train(name, seed, steps, data, vocab, tokenizer, run_dir, init)
+                print(f"repro: {name} seed {seed}: {seconds:.0f} s", flush=True)
+
+            init = None
+            if name in CONTINUATIONS:
+                init = continuation_start(name, seed, args.steps, lambda n, d: run(n, d, args.steps))
+            run(name, run_dir, steps, init)
     print(summarise([load_result(n, d) for n, d in run_dirs.items()], Path(args.out)))
     return 0
 

@@ -142,6 +142,61 @@ def test_upcycled_routers_are_copies_with_noise(tmp_path):
                        saved["model.layers.1.block_sparse_moe.experts.2.w2.weight"])
 
 
+def _saved_moe(tmp_path) -> tuple[RunConfig, CoETransformer]:
+    """A coe-dist MoE (C = 1, K = 2, aux-free biases as if trained) saved as a checkpoint."""
+    from coe_dist.train import checkpoint
+
+    cfg = RunConfig(model=ModelConfig(vocab_size=64, hidden_size=32, num_heads=4, ffn_hidden_size=48, init_std=0.2),
+                    moe=MoEConfig(num_experts=4, top_k=2, iterations=1, expert_hidden_size=16,
+                                  expert_bias_rate=0.01))
+    model = CoETransformer(cfg.model, cfg.moe, seed=3).eval()
+    with torch.no_grad():
+        for router in (r for layer in model.coe_layers() for r in layer.routers):
+            router.expert_bias.copy_(torch.randn(router.expert_bias.shape) * 0.2)
+    checkpoint.save(tmp_path / "moe", 0, model, None, {"config": cfg.to_dict(), "optimizer_step": 0}, keep_last=1)
+    return cfg, model
+
+
+def test_upcycle_a_coe_dist_moe_into_a_chain(tmp_path, capsys):
+    cfg, moe = _saved_moe(tmp_path)
+    assert main(["convert", "import", "--from-checkpoint", str(tmp_path / "moe"), "--iterations", "2", "--top-k", "1",
+                 "--output", str(tmp_path / "coe")]) == 0
+    assert "C=1, K=2) to C=2, K=1" in capsys.readouterr().out
+    got_cfg, got, _ = load_model(tmp_path / "coe")
+    assert (got_cfg.moe.iterations, got_cfg.moe.top_k, got_cfg.moe.inner_residual) == (2, 1, True)
+    # Independently: the chain built from the config, its second router a copy of the MoE's, by hand.
+    want_moe = MoEConfig(**{**cfg.to_dict()["moe"], "iterations": 2, "top_k": 1, "inner_residual": True})
+    want = CoETransformer(cfg.model, want_moe, seed=0).eval()
+    state = moe.state_dict()
+    state.update({k.replace("routers.0.", "routers.1."): v for k, v in state.items() if "routers.0." in k})
+    want.load_state_dict(state)
+    tokens = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(got(tokens).logits, want(tokens).logits)
+        # K = 1 of a C = 2 chain is a different function from the K = 2 MoE (the test is not vacuous)
+        assert (got(tokens).logits - moe(tokens).logits).abs().max() > 1e-3
+
+
+def test_upcycle_keeps_the_function_at_the_same_c_and_k_and_noises_only_new_routers(tmp_path):
+    _, moe = _saved_moe(tmp_path)
+    assert main(["convert", "import", "--from-checkpoint", str(tmp_path / "moe"),
+                 "--output", str(tmp_path / "same")]) == 0
+    _, same, _ = load_model(tmp_path / "same")
+    tokens = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(same(tokens).logits, moe(tokens).logits)
+    assert main(["convert", "import", "--from-checkpoint", str(tmp_path / "moe"), "--iterations", "3",
+                 "--router-noise", "0.01", "--output", str(tmp_path / "noisy")]) == 0
+    _, noisy, _ = load_model(tmp_path / "noisy")
+    for layer, src in zip(noisy.coe_layers(), moe.coe_layers(), strict=True):
+        base = src.routers[0]
+        assert torch.equal(layer.routers[0].weight, base.weight)
+        for r in layer.routers[1:]:
+            assert 0.005 < ((r.weight - base.weight).std() / base.weight.std()) < 0.02
+            assert torch.equal(r.expert_bias, base.expert_bias)  # the balancing state carries over as it is
+        assert not torch.equal(layer.routers[1].weight, layer.routers[2].weight)
+
+
 def test_init_from_a_missing_directory_fails_before_training(tmp_path, capsys):
     assert main(["train", "--init-from", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()

@@ -117,6 +117,32 @@ def test_variant_names():
         repro.config_and_overrides("coe-9+auxfree")
 
 
+def test_continuations_start_from_the_finished_source_of_the_same_seed(tmp_path, monkeypatch):
+    # The upcycled CoE trains the CoE config; its conversion makes exactly that config's C and K.
+    config, overrides = repro.config_and_overrides("coe-2-4of64@upcycled")
+    assert config.name == "coe-2-4of64.yaml" and overrides == []
+    coe, moe = load_config(config).moe, load_config(config.with_name("moe-8of64.yaml")).moe
+    convert = repro.CONTINUATIONS["coe-2-4of64@upcycled"][1]
+    assert convert == ["--iterations", str(coe.iterations), "--top-k", str(coe.top_k)]
+    assert (moe.iterations, moe.top_k * moe.iterations) == (1, 7) and coe.top_k * coe.iterations == 6
+    with pytest.raises(SystemExit, match="unknown continuation 'coe-2-4of64@later'"):
+        repro.config_and_overrides("coe-2-4of64@later")
+
+    monkeypatch.setattr(repro, "ROOT", tmp_path)
+    trained, converted = [], []
+    monkeypatch.setattr(repro.subprocess, "run", lambda args, **kw: converted.append(args))
+    runs = tmp_path / "runs" / "repro"
+    start = repro.continuation_start("moe-8of64@continued", 2, 20, lambda n, d: trained.append((n, d)))
+    assert start == runs / "moe-8of64-seed2" and trained == [("moe-8of64", start)]  # unfinished: trained first
+    fake_run(runs, "moe-8of64", 1, [(10, 3.0), (20, 2.5)])
+    start = repro.continuation_start("coe-2-4of64@upcycled", 1, 20, lambda n, d: trained.append((n, d)))
+    assert len(trained) == 1 and start == runs / "init" / "coe-2-4of64@upcycled-seed1"
+    args = converted[0]
+    assert args[args.index("--from-checkpoint") + 1] == str(runs / "moe-8of64-seed1")
+    assert args[args.index("--output") + 1] == str(start) and args[-4:] == convert
+    assert ("coe-2-4of64@upcycled", "moe-8of64@continued") in repro.comparisons(list(repro.CONTINUATIONS))
+
+
 def test_verdict_reversed_and_unequal():
     a = repro.Result("a", [2.0, 2.0], [], 1, 1, 0.0, 0.0)
     b = repro.Result("b", [1.0, 1.2], [], 1, 1, 0.0, 0.0)

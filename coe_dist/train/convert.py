@@ -4,6 +4,7 @@
     coe-dist convert export --checkpoint runs/tiny --output ref/tiny --format reference  # the CoE paper's layout
     coe-dist convert import --from-hf mixtral-dir --iterations 2 --output runs/upcycled  # MoE -> CoE checkpoint
     coe-dist convert import --from-reference coe-dir --output runs/from-ref
+    coe-dist convert import --from-checkpoint runs/moe --iterations 2 --top-k 4 --output runs/coe-from-moe
     coe-dist train --config configs/tiny.yaml --init-from runs/upcycled                  # a new run from it
 
 Each module does one direction: hf_export (hf), reference_layout (reference), upcycle (import).
@@ -46,8 +47,12 @@ def _import(args: argparse.Namespace) -> int:
     from coe_dist.train import upcycle
 
     if args.from_hf:
-        out, notes = upcycle.import_hf(Path(args.from_hf), Path(args.output), iterations=args.iterations,
+        out, notes = upcycle.import_hf(Path(args.from_hf), Path(args.output), iterations=args.iterations or 1,
                                        top_k=args.top_k, router_noise=args.router_noise, seed=args.seed)
+    elif args.from_checkpoint:
+        out, notes = upcycle.upcycle_checkpoint(Path(args.from_checkpoint), Path(args.output),
+                                                iterations=args.iterations, top_k=args.top_k,
+                                                router_noise=args.router_noise, seed=args.seed)
     else:
         out, notes = upcycle.import_reference_checkpoint(Path(args.from_reference), Path(args.output))
     print(f"wrote coe-dist checkpoint {out}; start a run from it with coe-dist train --init-from {args.output}")
@@ -69,17 +74,20 @@ def register_cli(sub) -> None:
                    help="hf: loads with transformers' AutoModelForCausalLM (trust_remote_code); reference: the "
                         "CoE paper's CoeForCausalLM names (attention does not map)")
     e.set_defaults(func=_export)
-    i = conv.add_parser("import", help="Hugging Face MoE or reference CoE directory -> coe-dist checkpoint")
+    i = conv.add_parser("import", help="Hugging Face MoE, reference CoE or coe-dist checkpoint -> CoE checkpoint")
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", type=expand_path,
                      help="Hugging Face MoE directory (config.json + *.safetensors): mixtral, olmoe or qwen2_moe")
     src.add_argument("--from-reference", metavar="DIR", type=expand_path, help="a CoE reference checkpoint directory")
+    src.add_argument("--from-checkpoint", metavar="DIR", type=expand_path,
+                     help="a coe-dist run or checkpoint (e.g. an MoE run) to upcycle to --iterations/--top-k")
     i.add_argument("--output", required=True, type=expand_path, help="run directory to write (checkpoints/step_0)")
-    i.add_argument("--iterations", type=positive_int, default=1, help="--from-hf: CoE iterations C (the MoE router is "
-                   "copied into each of the C routers; default 1 = the MoE itself)")
+    i.add_argument("--iterations", type=positive_int, default=None, help="--from-hf/--from-checkpoint: CoE iterations "
+                   "C (the MoE router is copied into each of the C routers; default: the source's, 1 for an MoE)")
     i.add_argument("--top-k", type=positive_int, default=None,
-                   help="--from-hf: experts per token (default: the MoE's own)")
-    i.add_argument("--router-noise", type=float, default=0.0, help="--from-hf: Gaussian noise added to router "
-                   "copies 2..C, as a fraction of the router weights' std, so iterations can diverge (default 0)")
-    i.add_argument("--seed", type=int, default=0, help="--from-hf: seed of the router noise")
+                   help="--from-hf/--from-checkpoint: experts per token and iteration (default: the source's)")
+    i.add_argument("--router-noise", type=float, default=0.0,
+                   help="--from-hf/--from-checkpoint: Gaussian noise added to router copies 2..C, as a fraction of "
+                        "the router weights' std, so iterations can diverge (default 0)")
+    i.add_argument("--seed", type=int, default=0, help="--from-hf/--from-checkpoint: seed of the router noise")
     i.set_defaults(func=_import)

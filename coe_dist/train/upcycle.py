@@ -1,4 +1,4 @@
-"""`coe-dist convert import`: a Hugging Face MoE (or a reference CoE) checkpoint -> a coe-dist checkpoint.
+"""`coe-dist convert import`: a Hugging Face MoE, a reference CoE or a coe-dist checkpoint -> a coe-dist checkpoint.
 
     DIR/config.json + DIR/*.safetensors  --(family table)-->  CoETransformer (ep_size 1)
         attention q, k, v -> one fused qkv_proj (biases, QK-norm, grouped-query heads as model.* keys)
@@ -9,6 +9,9 @@
     -> OUT/checkpoints/step_0 (checkpoint.save: layout-independent, zero Adam moments), trained further with
        `coe-dist train --init-from OUT` at any ep size.
 
+--from-checkpoint does the same to a coe-dist run (an MoE trained here, C = 1): every weight is kept, router t of
+the new chain starts as the source's router min(t, C_src - 1) (+ the noise), and the new C and K are set.
+
 At C = 1 the imported model computes the MoE itself: the decoder adds the block's output to the stream
 (moe.outer_residual) and the chain has no inner residual. At C > 1 the inner residual is on, so iteration t
 refines h_{t-1} (h_t = h_{t-1} + MoE_t(h_{t-1})) before the outer residual adds the stream.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +202,48 @@ def import_hf(src: Path, out: Path, *, iterations: int, top_k: int | None, route
         notes.append(f"model.max_seq_len={cfg.model.max_seq_len} (the source allows "
                      f"{hf['max_position_embeddings']}); raise it with --set model.max_seq_len=N when training")
     return _write(cfg, model, out, src), notes
+
+
+def upcycle_checkpoint(src: Path, out: Path, *, iterations: int | None, top_k: int | None,
+                       router_noise: float = 0.0, seed: int = 0) -> tuple[Path, list[str]]:
+    """A coe-dist checkpoint (e.g. an MoE run, C = 1) -> a CoE-`iterations` checkpoint with `top_k` experts per
+    iteration (None: the source's). Iterations beyond the source's copy its last router; the inner residual goes
+    on when C > 1 (each iteration refines the last); the rest of the config is the source's."""
+    if router_noise < 0:
+        raise ConfigError(f"--router-noise {router_noise}: need noise >= 0 (a fraction of the router weights' std)")
+    cfg, source, ckpt = checkpoint.load_model(src)
+    iterations = iterations or cfg.moe.iterations
+    moe = {**cfg.to_dict()["moe"], "iterations": iterations, "top_k": top_k or cfg.moe.top_k,
+           "inner_residual": cfg.moe.inner_residual or iterations > 1}
+    new_cfg = config_from_dict({**cfg.to_dict(), "moe": moe})
+    model = CoETransformer(new_cfg.model, new_cfg.moe, seed=new_cfg.train.seed)
+    model.load_state_dict(_chain_state(source.state_dict(), model.state_dict(), router_noise, seed))
+    notes = [f"upcycled {ckpt} (C={cfg.moe.iterations}, K={cfg.moe.top_k}) to C={iterations}, "
+             f"K={new_cfg.moe.top_k}; routers beyond the source's {cfg.moe.iterations} start as copies"
+             + (f" with noise {router_noise} x their std" if router_noise else "")]
+    return _write(new_cfg, model, out, ckpt), notes
+
+
+_ROUTER_KEY = re.compile(r"^(.*\.routers\.)(\d+)(\..*)$")
+
+
+def _chain_state(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor], noise: float,
+                 seed: int) -> dict[str, torch.Tensor]:
+    """dst's keys filled from src: router t from the source's router min(t, last); everything else by name."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in dst:
+        m = _ROUTER_KEY.match(key)
+        if m is None:
+            out[key] = src[key]
+            continue
+        prefix, t, rest = m.group(1), int(m.group(2)), m.group(3)
+        last = max(int(_ROUTER_KEY.match(k).group(2)) for k in src if _ROUTER_KEY.match(k) and k.startswith(prefix))
+        value = src[f"{prefix}{min(t, last)}{rest}"]
+        if t > last and noise and rest == ".weight":
+            value = value + torch.randn(value.shape, generator=gen) * (noise * value.std())
+        out[key] = value
+    return out
 
 
 def reference_run_config(ref: dict) -> RunConfig:
