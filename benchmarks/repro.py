@@ -105,7 +105,7 @@ def config_and_overrides(name: str) -> tuple[Path, list[str]]:
 
 
 def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
-          run_dir: Path, init_from: Path | None = None) -> float:
+          run_dir: Path, init_from: Path | None = None, extra: tuple[str, ...] = ()) -> float:
     """One 2-rank run, resumed from its last checkpoint if it has one; returns the wall time of this attempt
     and adds it to <run_dir>/repro_wall.json."""
     config, variant = config_and_overrides(name)
@@ -115,7 +115,7 @@ def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, t
               f"data.dataset={data['train']}", f"data.valid_dataset={data['test']}", f"data.tokenizer={tokenizer}",
               f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}",
               f"log.eval_interval={max(1, steps // 6)}", f"log.save_interval={max(1, steps // 6)}",
-              "log.keep_last=1", *variant):
+              "log.keep_last=1", *variant, *extra):
         args += ["--set", o]
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -335,6 +335,9 @@ def main() -> int:
     p.add_argument("--continue-steps", type=int, default=150, help="steps of a continuation (default 150: half "
                    "the runs' tokens again)")
     p.add_argument("--out", default=str(ROOT / "docs" / "repro.md"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every run, e.g. train.dtype=fp32 where bf16 matmuls are slow (a CPU without "
+                        "AVX-512 BF16/AMX); compare only runs trained alike")
     p.add_argument("--summarise", metavar="DIR", help="only tabulate the runs in DIR (e.g. runs/paper-repro from "
                    "slurm/repro.sh): <config>-seed<S>/ directories")
     args = p.parse_args()
@@ -364,7 +367,7 @@ def main() -> int:
 
             def run(name: str, run_dir: Path, steps: int, init: Path | None = None, seed: int = seed) -> None:
                 print(f"repro: {name} seed {seed}: training (log: {run_dir}.log)", flush=True)
-                seconds = train(name, seed, steps, data, vocab, tokenizer, run_dir, init)
+                seconds = train(name, seed, steps, data, vocab, tokenizer, run_dir, init, tuple(args.overrides))
                 print(f"repro: {name} seed {seed}: {seconds:.0f} s", flush=True)
 
             init = None
