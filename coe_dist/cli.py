@@ -117,11 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     from coe_dist.bench import cli as bench_cli
     from coe_dist.check import cli as check_cli
     from coe_dist.data import preprocess
-    from coe_dist.train import convert, inference
+    from coe_dist.train import convert, inference, placement
 
     preprocess.register_cli(sub)
     inference.register_cli(sub)
     convert.register_cli(sub)
+    placement.register_cli(sub)
     slurm.register_cli(sub)
     bench_cli.register_cli(sub)
     check_cli.register_cli(sub)

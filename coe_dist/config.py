@@ -82,6 +82,7 @@ class MoEConfig:
     a2a_chunks: int = 1  # ep_size > 1 only: pipeline each iteration's tokens through this many all-to-all chunks
     dispatch: str = "copies"  # ep_size > 1 only: copies (a row per token copy) | dedup (a row per token and rank)
     dispatch_dtype: str = "bf16"  # ep_size > 1 only: bf16 (rows in the compute dtype) | fp8 (e4m3 + a scale per row)
+    placement: str | None = None  # `coe-dist placement plan` output: which rank holds which expert (null: in order)
 
 
 @dataclass(kw_only=True)
@@ -237,7 +238,7 @@ def _parse_yaml(text: str, where: str) -> Any:
 
 # Keys holding file-system paths: `~` is expanded in each (the shell does not expand it inside --set a=~/x).
 PATH_KEYS = (("log", "run_dir"), ("data", "dataset"), ("data", "valid_dataset"), ("data", "tokenizer"),
-             ("data", "cache_dir"), ("parallel", "deepspeed_config"), ("train", "init_from"))
+             ("data", "cache_dir"), ("parallel", "deepspeed_config"), ("train", "init_from"), ("moe", "placement"))
 
 
 def expand_path(text: str) -> str:
@@ -385,6 +386,9 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
 
 def _validate_routing_groups(moe: MoEConfig) -> None:
     G, M, N, K = moe.routing_groups, moe.routing_group_topk, moe.num_experts, moe.top_k
+    _check(G == 1 or not moe.placement,
+           f"moe.placement={moe.placement!r} with moe.routing_groups={G}: a placement relabels experts, which "
+           "would change the groups and so the function; use one of them (null placement, or routing_groups=1)")
     _check(G >= 1 and N % G == 0,
            f"moe.routing_groups={G}: must divide moe.num_experts={N} (1 = no device-limited routing), "
            f"e.g. moe.routing_groups=moe.ep_size")

@@ -21,9 +21,21 @@ from torch.utils.checkpoint import checkpoint
 from coe_dist.config import MoEConfig, validate_moe
 from coe_dist.errors import UserError
 from coe_dist.model.experts import GroupedExperts, SwiGLU, _compute_dtype
-from coe_dist.model.router import GateRule, Router, Routing, expert_counts, global_aux_loss, seq_aux_loss, z_loss
+from coe_dist.model.router import (
+    GateRule,
+    Router,
+    Routing,
+    coselection_counts,
+    expert_counts,
+    global_aux_loss,
+    seq_aux_loss,
+    transition_counts,
+    z_loss,
+)
 from coe_dist.parallel.dedup import DedupAllToAllDispatcher
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
+
+ROUTING_SAMPLE_TOKENS = 1024  # tokens' expert choices kept per logging step, to predict a placement's traffic
 
 
 def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
@@ -76,6 +88,10 @@ class CoELayer(nn.Module):
         # Qwen2-MoE's shared-expert gate: the shared output is scaled by sigmoid(w . h) per token.
         self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False)
                                    if config.num_shared_experts and config.shared_expert_gate else None)
+        # Expert placement (moe.placement): slot s (held by rank s // num_local_experts) holds original expert
+        # expert_order[s]. Routers' rows and checkpoints follow the slots, so routing and dispatch need no table;
+        # only the routing records speak original ids (statistics that survive a re-placement).
+        self.register_buffer("expert_order", torch.arange(config.num_experts), persistent=False)
         # Set by the trainer on logging steps: the next forward records routing statistics (no collectives).
         self.record_routing = False
         self.routing_record: dict[str, object] = {}
@@ -118,7 +134,7 @@ class CoELayer(nn.Module):
                 routing = router(h_TD)
                 aux = aux + self._router_loss(routing, B)
                 if self.record_routing:
-                    chain.append(self._record(routing, t))
+                    chain.append(self._record(routing, t, chain[-1] if chain else None))
                 y_TD = self._moe_iteration(h_TD, routing, t)
                 h_TD = (y_TD + h_TD if cfg.inner_residual else y_TD).to(u_BLD.dtype)
         if chain:
@@ -128,12 +144,27 @@ class CoELayer(nn.Module):
         return h_TD.view(B, L, D), aux
 
     @torch.no_grad()
-    def _record(self, routing: Routing, iteration: int) -> torch.Tensor:
+    def _record(self, routing: Routing, iteration: int, prev_TK: torch.Tensor | None) -> torch.Tensor:
+        """Load per slot and entropy; co-selection within the iteration and from the last one, and a sample of
+        tokens' choices, in original expert ids (coe_dist/train/coselection.py). Returns the sorted ids."""
+        N, rec = self.config.num_experts, self.routing_record
         probs = routing.probs_TN
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
-        self.routing_record[f"iter{iteration}/counts"] = expert_counts(routing.experts_TK, self.config.num_experts)
-        self.routing_record[f"iter{iteration}/entropy"] = float(entropy)
-        return routing.experts_TK.sort(dim=-1).values
+        rec[f"iter{iteration}/counts"] = expert_counts(routing.experts_TK, N)
+        rec[f"iter{iteration}/entropy"] = float(entropy)
+        ids_TK = self.expert_order[routing.experts_TK].sort(dim=-1).values
+        rec[f"iter{iteration}/pairs"] = coselection_counts(ids_TK, N)
+        if prev_TK is not None:
+            rec[f"iter{iteration}/follows"] = transition_counts(prev_TK, ids_TK, N)
+        rec[f"iter{iteration}/sample"] = ids_TK[:ROUTING_SAMPLE_TOKENS]
+        return ids_TK
+
+    def set_placement(self, order: list[int]) -> None:
+        """Slot s holds original expert order[s] (a permutation of range(N)); set before weights are loaded."""
+        if sorted(order) != list(range(self.config.num_experts)):
+            raise ValueError(f"layer {self.layer}: placement {order} is not a permutation of "
+                             f"0..{self.config.num_experts - 1}")
+        self.expert_order.copy_(torch.tensor(order))
 
     def _moe_iteration(self, h_TD: torch.Tensor, routing: Routing, iteration: int) -> torch.Tensor:
         """Routed + shared experts of one iteration (with ep_size > 1 the shared experts run while the

@@ -117,6 +117,20 @@ def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(experts_TK.flatten(), minlength=num_experts)
 
 
+def coselection_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, N] int64: (i, j) = tokens that picked both i and j in one iteration (symmetric, zero diagonal)."""
+    T, K = experts_TK.shape
+    pairs_TKK = experts_TK.unsqueeze(2) * num_experts + experts_TK.unsqueeze(1)
+    off_diagonal = ~torch.eye(K, dtype=torch.bool, device=experts_TK.device)
+    return torch.bincount(pairs_TKK[:, off_diagonal].flatten(), minlength=num_experts**2).view(num_experts, -1)
+
+
+def transition_counts(prev_TK: torch.Tensor, next_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, N] int64: (i, j) = tokens that picked i in one iteration and j in the next."""
+    pairs_TKK = prev_TK.unsqueeze(2) * num_experts + next_TK.unsqueeze(1)
+    return torch.bincount(pairs_TKK.flatten(), minlength=num_experts**2).view(num_experts, -1)
+
+
 def seq_aux_loss(routing: Routing, batch: int, num_experts: int) -> torch.Tensor:
     """DeepSeek sequence-level balance loss (without alpha): mean_b sum_i f_{b,i} P_{b,i},
     f_{b,i} = count_{b,i} * N / (L*K), P_{b,i} = mean over the sequence of s_i."""

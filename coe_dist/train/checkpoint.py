@@ -183,7 +183,7 @@ def save(run_dir: Path, step: int, model: CoETransformer, engine, extra: dict[st
     final = root / f"step_{step}"
     if rank == 0 and not problems:
         meta = {"step": step, "format": 1, "files": all_hashes, "time": time.time(), "world_size": world,
-                "ep_size": ep_size, **extra}
+                "ep_size": ep_size, "placement": placement_of(model), **extra}
         try:
             _publish(tmp, final, meta, step)
         except OSError as e:
@@ -355,6 +355,45 @@ def check_model_shape(cfg: RunConfig, meta: dict[str, Any], path: Path) -> None:
                           "checkpoint's values, or start a new run in another log.run_dir")
 
 
+# ------------------------------------------------------------------ placement
+# Experts are stored by slot (slot s: rank s // (N/P)); meta["placement"][layer] names the original expert in each
+# slot (absent: in order). A model with another placement takes each slot's expert, its router rows and their
+# Adam moments from wherever the checkpoint stored that original expert: a re-placement is a relabelling, and the
+# function does not change.
+
+_ROUTER_ROWS = re.compile(r"^layers\.(\d+)\.ffn\.routers\.\d+\.")
+
+
+def placement_of(model: CoETransformer) -> dict[str, list[int]]:
+    """Layer -> original expert per slot, for the layers not in order."""
+    return {str(layer.layer): layer.expert_order.tolist() for layer in model.coe_layers()
+            if not torch.equal(layer.expert_order.cpu(), torch.arange(layer.config.num_experts))}
+
+
+def _slot_sources(meta: dict[str, Any], model: CoETransformer, path: Path) -> dict[int, torch.Tensor]:
+    """Layer -> the stored slot of each of this model's slots, for the layers where the placements differ."""
+    saved = meta.get("placement") or {}
+    sources = {}
+    for layer in model.coe_layers():
+        N = layer.config.num_experts
+        stored = torch.tensor(saved.get(str(layer.layer), list(range(N))))
+        if sorted(stored.tolist()) != list(range(N)):
+            raise CheckpointError(f"{path}: meta.json placement of layer {layer.layer} is not a permutation of "
+                                  f"{N} experts: the model config differs, or the file was edited")
+        slot_of = torch.empty(N, dtype=torch.long)
+        slot_of[stored] = torch.arange(N)
+        src = slot_of[layer.expert_order.cpu()]
+        if not torch.equal(src, torch.arange(N)):
+            sources[layer.layer] = src
+    return sources
+
+
+def _to_slots(name: str, t: torch.Tensor, sources: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A router's rows (weight, expert_bias, their moments) in this model's slot order."""
+    m = _ROUTER_ROWS.match(name)
+    return t[sources[int(m.group(1))]] if m and int(m.group(1)) in sources else t
+
+
 # ------------------------------------------------------------------ load
 
 def _persistent_buffers(model: CoETransformer) -> dict[str, torch.Tensor]:
@@ -363,21 +402,25 @@ def _persistent_buffers(model: CoETransformer) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _restore_buffers(path: Path, dense: dict[str, torch.Tensor], model: CoETransformer) -> None:
+def _restore_buffers(path: Path, dense: dict[str, torch.Tensor], model: CoETransformer,
+                     sources: dict[int, torch.Tensor]) -> None:
     """Buffers a checkpoint lacks keep their initial value: a run saved without moe.expert_bias_rate
     continues with it from zero biases."""
     for name, b in _persistent_buffers(model).items():
         saved = dense.get(f"buffer/{name}")
         if saved is None:
             continue
+        saved = _to_slots(name, saved, sources)
         if saved.shape != b.shape:
             raise CheckpointError(f"{path}: buffer {name} has shape {list(saved.shape)} in the checkpoint but "
                                   f"{list(b.shape)} in this model: the model config differs")
         b.copy_(saved.to(b.dtype))
 
 
-def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer, dense: dict[str, torch.Tensor]):
-    """Yield (name, parameter, {param, exp_avg, exp_avg_sq}) for every parameter this rank holds."""
+def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer, dense: dict[str, torch.Tensor],
+                      sources: dict[int, torch.Tensor]):
+    """Yield (name, parameter, {param, exp_avg, exp_avg_sq}) for every parameter this rank holds, in the
+    model's placement (`sources`: _slot_sources)."""
     experts: dict[str, torch.Tensor] = {}
     for name in meta["files"]:
         if name.startswith("experts-"):
@@ -386,10 +429,12 @@ def _read_full_states(path: Path, meta: dict[str, Any], model: CoETransformer, d
     for name, p in model.named_parameters():
         layer = owner.get(id(p))
         if layer is None:
-            full = {k: _take(dense, f"{k}/{name}", path / "dense.pt") for k in ("param", *MOMENTS)}
+            full = {k: _to_slots(name, _take(dense, f"{k}/{name}", path / "dense.pt"), sources)
+                    for k in ("param", *MOMENTS)}
         else:
             pname = name.rsplit(".", 1)[-1]
-            ids = range(layer.first_expert, layer.first_expert + layer.num_local_experts)
+            slots = range(layer.first_expert, layer.first_expert + layer.num_local_experts)
+            ids = [int(sources[layer.layer][s]) for s in slots] if layer.layer in sources else slots
             full = {k: torch.stack([_take(experts, f"{k}/{_expert_key(layer, pname, i)}", path / "experts-*.pt")
                                     for i in ids]) for k in ("param", *MOMENTS)}
         if full["param"].shape != p.shape:
@@ -410,9 +455,10 @@ def load(path: Path, model: CoETransformer, engine, verified: dict[str, Any] | N
     opt_step = int(meta["optimizer_step"])
     zero = _zero_optimizer(engine, create_state=True)
     dense = _read_dense(path)
-    for _name, p, full in _read_full_states(path, meta, model, dense):
+    sources = _slot_sources(meta, model, path)
+    for _name, p, full in _read_full_states(path, meta, model, dense, sources):
         _set_full(engine, zero, p, full, opt_step)
-    _restore_buffers(path, dense, model)
+    _restore_buffers(path, dense, model, sources)
     _set_optimizer_step(zero, opt_step)
     sched = engine.lr_scheduler
     if sched is not None:  # LambdaLR: put it where it was after opt_step steps
@@ -426,9 +472,10 @@ def load_weights(path: Path, model: CoETransformer) -> dict[str, Any]:
     """Weights only, no optimizer or engine: for eval, generate and convert."""
     meta = verify(path)
     dense = _read_dense(path)
-    for _name, p, full in _read_full_states(path, meta, model, dense):
+    sources = _slot_sources(meta, model, path)
+    for _name, p, full in _read_full_states(path, meta, model, dense, sources):
         p.copy_(full["param"].to(p.dtype))
-    _restore_buffers(path, dense, model)
+    _restore_buffers(path, dense, model, sources)
     return meta
 
 
@@ -460,7 +507,8 @@ def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, 
 
 
 # moe keys that describe how a run executes, not the weights: a run started from a checkpoint chooses them.
-RUNTIME_MOE_KEYS = ("ep_size", "expert_impl", "recompute", "overlap", "a2a_chunks")
+RUNTIME_MOE_KEYS = ("ep_size", "expert_impl", "recompute", "overlap", "a2a_chunks", "dispatch", "dispatch_dtype",
+                    "placement")
 
 
 def architecture_overrides(path: str | Path) -> list[str]:

@@ -42,6 +42,7 @@ from coe_dist.kernels import kernel_report
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint, guards, memory, rundir
+from coe_dist.train.coselection import CoSelection
 from coe_dist.train.expert_balance import discard_pending_loads, update_expert_biases
 from coe_dist.train.metrics import MetricsLogger
 from coe_dist.train.moe_metrics import CommDelta, comm_totals, routing_metrics, start_recording
@@ -159,6 +160,8 @@ def _train_locked(cfg, penv, resume, startup_notes, dp_size, run_dir, device) ->
 
         data = build_data(cfg, dp_rank=penv.rank, dp_size=penv.world_size, barrier=dist.barrier)
         model = CoETransformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+        if cfg.moe.placement:
+            _place_experts(model, cfg, penv)
         if cfg.train.init_from:
             say(penv, f"coe-dist: {_init_weights(model, cfg)}")
         engine = build_engine(model.to(device), cfg, penv.world_size)
@@ -202,6 +205,28 @@ def _disk_failure(e: BaseException, run_dir: Path) -> rundir.RunDirError | None:
     what = e.filename or f"into log.run_dir={str(run_dir)!r}"
     return rundir.RunDirError(f"could not write {what}: {e.strerror}: free space (or point log.run_dir "
                               "elsewhere) and resume with --resume auto; the saved checkpoints are intact")
+
+
+def _place_experts(model: CoETransformer, cfg: RunConfig, penv: ProcessEnv) -> None:
+    """moe.placement: the plan's slot order in every CoE layer, before any weights are loaded into it."""
+    from coe_dist.train.placement import read_plan
+
+    for layer_id, order in read_plan(cfg, [layer.layer for layer in model.coe_layers()]).items():
+        next(layer for layer in model.coe_layers() if layer.layer == layer_id).set_placement(order)
+    say(penv, f"coe-dist: experts placed by {cfg.moe.placement} (a checkpoint saved in another placement is "
+              "moved into it on load)")
+
+
+def _keep_placement(cfg: RunConfig, meta: dict, model: CoETransformer, penv: ProcessEnv) -> None:
+    """A resume without moe.placement keeps the checkpoint's placement (as it keeps any other layout choice
+    that costs nothing to keep); `--set moe.placement=PLAN` replaces it."""
+    saved = meta.get("placement") or {}
+    if cfg.moe.placement or not saved:
+        return
+    for layer in model.coe_layers():
+        if str(layer.layer) in saved:
+            layer.set_placement(saved[str(layer.layer)])
+    say(penv, "coe-dist: keeping the checkpoint's expert placement")
 
 
 def _init_weights(model: CoETransformer, cfg: RunConfig) -> str:
@@ -262,6 +287,7 @@ def _maybe_resume(resume, run_dir, model, engine, data, penv, guard, cfg: RunCon
         verified = verified or checkpoint.verify(path)
         if cfg is not None:  # preflight read this meta.json before start-up; a restart or a race may differ
             rundir.check_against_checkpoint(cfg, verified, path)
+            _keep_placement(cfg, verified, model, penv)
         meta = checkpoint.load(path, model, engine, verified)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(f"{e}: resume from another checkpoint, or with --resume auto (which "
@@ -323,6 +349,7 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
     tokens_per_step = t.micro_batch_size * t.grad_accum * penv.world_size * t.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     comm_delta = CommDelta()
+    cosel = CoSelection(run_dir, penv.rank)
     collapse = guards.CollapseWatch(cfg.log.collapse_share, cfg.log.collapse_steps, cfg.moe.top_k)
     sample_log = SampleLog(run_dir, penv.rank) if cfg.log.sample_log else None
     # ZeRO 1/2 leave out an update whose gradient norm is not finite (engine.was_step_applied() says so);
@@ -403,6 +430,7 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
             result.tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             _log_step(cfg, penv, engine, model, logger, step, lm, aux, result.tokens_per_s, comm_delta, collapse,
                       guard)
+            cosel.add(model, penv.world_size)  # collective, like the routing metrics
             start_recording(model, False)
             window_start, window_tokens = time.perf_counter(), 0
         if cfg.log.eval_batches and (step % cfg.log.eval_interval == 0 or step == t.steps):
@@ -411,6 +439,7 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
         if sums[2] > 0 or step == t.steps or (cfg.log.save_interval and step % cfg.log.save_interval == 0):
             where.phase = "checkpoint save"
             _save(cfg, run_dir, step, model, engine, data, penv, guard)
+            cosel.save()
         if sums[2] > 0:
             result.stopped_by_signal = int(stop.signum or signal.SIGTERM)
             say(penv, f"coe-dist: stopped by signal at step {step}; resume with --resume auto")
