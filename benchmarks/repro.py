@@ -79,6 +79,8 @@ VARIANTS = {
     # device-limited routing: every token's experts on one of the two ranks (a group = one rank's experts)
     "devlim": ("moe.routing_groups=2", "moe.routing_group_topk=1"),
     "sigmoid": ("moe.router_score=sigmoid",),
+    # the dispatch rows as e4m3 + a scale per row (one row per token and rank); the combine stays in bf16/fp32
+    "fp8": ("moe.dispatch=dedup", "moe.dispatch_dtype=fp8"),
 }
 # Continuations (issue 14.6): NAME@HOW -> (the run it starts from, `convert import --from-checkpoint` arguments or
 # None to start from the run's own weights). The same seed: the same data order and the same source run.
