@@ -132,3 +132,19 @@ def test_cuda_matches_reference() -> None:
         got = kernels.rms_norm(x.bfloat16(), w, 1e-6)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, kernels.torch_rms_norm(x.bfloat16(), w, 1e-6), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("native, device, dtype, warns", [
+    (False, "cpu", "bf16", True), (True, "cpu", "bf16", False), (None, "cpu", "bf16", False),
+    (False, "cpu", "fp32", False), (False, "cuda", "bf16", False)])
+def test_bf16_warning_only_where_the_cpu_emulates_it(monkeypatch, native, device, dtype, warns) -> None:
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: native)
+    note = kernels.bf16_on_cpu_warning(torch.device(device), dtype)
+    assert (note is not None) == warns
+    if warns:
+        assert "train.dtype=fp32" in note and "AVX-512 BF16" in note
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    assert kernels.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))

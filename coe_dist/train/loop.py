@@ -38,7 +38,7 @@ from coe_dist.atomic_file import DISK_ERRNOS, write_atomic
 from coe_dist.config import ConfigError, RunConfig, check_world
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
-from coe_dist.kernels import kernel_report
+from coe_dist.kernels import bf16_on_cpu_warning, kernel_report
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint, guards, memory, rundir
@@ -148,6 +148,8 @@ def _train_locked(cfg, penv, resume, startup_notes, dp_size, run_dir, device) ->
               f"expert-dp={dp_size} backend={backend} device={device} dtype={cfg.train.dtype} "
               f"zero={cfg.parallel.zero_stage}")
     say(penv, f"coe-dist: {kernel_report()}")
+    if warning := bf16_on_cpu_warning(device, cfg.train.dtype):
+        say(penv, f"coe-dist: {warning}")
     for note in startup_notes:
         say(penv, f"coe-dist: {note}")
     _warn_shared_store(penv)
