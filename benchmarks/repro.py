@@ -186,6 +186,7 @@ class Result:
     tokens_per_s: float  # median over the logged windows of every seed
     seeds: list[int] | None = None  # the seed of each entry of finals
     wall_s: list[float | None] | None = None  # harness wall time per seed (None: not run by this harness)
+    max_load: list[float | None] | None = None  # per seed: worst (layer, iteration) busiest-expert load / mean
 
     @property
     def mean(self) -> float:
@@ -204,10 +205,22 @@ def _seed_of(run_dir: Path) -> int:
     return int(run_dir.name.rsplit("-seed", 1)[1])
 
 
+BALANCE_WINDOW = 5  # logging steps averaged for the final expert balance (one logging step is one micro-batch)
+
+
+def worst_load(recs: list[dict]) -> float | None:
+    """The busiest expert's load over the mean load (1 = perfect balance), averaged over the last logging steps,
+    for the worst (layer, iteration); None where the run logged no loads."""
+    logged = [r for r in recs if any(k.endswith("/load_imbalance") for k in r)][-BALANCE_WINDOW:]
+    keys = {k for r in logged for k in r if k.endswith("/load_imbalance")}
+    return max((statistics.mean(r[k] for r in logged if k in r) for k in keys), default=None)
+
+
 def load_result(name: str, dirs: list[Path]) -> Result:
-    finals, curves, tps, peak, walls = [], [], [], 0.0, []
+    finals, curves, tps, peak, walls, loads = [], [], [], 0.0, [], []
     for d in dirs:
         recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        loads.append(worst_load(recs))
         # dict: after a resume a step logged twice counts once, with its last value
         curve = sorted({r["step"]: r["valid/loss"] for r in recs if "valid/loss" in r}.items())
         curves.append(curve)
@@ -219,7 +232,7 @@ def load_result(name: str, dirs: list[Path]) -> Result:
     local, ep = info["layout"]["parameters_rank0"], info["layout"]["ep_size"]
     experts = local["expert_local"] * ep
     return Result(name, finals, curves, local["dense"] + experts, experts, peak, statistics.median(tps),
-                  [_seed_of(d) for d in dirs], walls)
+                  [_seed_of(d) for d in dirs], walls, loads)
 
 
 @dataclass
@@ -273,6 +286,14 @@ def summarise(results: list[Result], out_md: Path) -> str:
                      f"{r.params / 1e6:.2f} M ({r.expert_params / 1e6:.2f} M) | {r.peak_mib:.0f} | "
                      f"{r.tokens_per_s:,.0f} | {walls} |")
     by_name = {r.name: r for r in results}
+    lines += ["", f"Expert balance at the end (the busiest expert's load over the mean, worst layer and iteration, "
+              f"mean of the last {BALANCE_WINDOW} logging steps; 1 = perfect):", "",
+              "| config | worst max/mean load, mean over seeds | per seed |", "|---|---|---|"]
+    for r in sorted(results, key=lambda r: r.name):
+        known = [x for x in (r.max_load or []) if x is not None]
+        if known:
+            per_seed = ", ".join("-" if x is None else f"{x:.2f}" for x in r.max_load)
+            lines.append(f"| {r.name} | {statistics.mean(known):.2f} | {per_seed} |")
     lines += ["", "| A | B | paired A - B, mean ± standard error (seeds) | A - B per seed |", "|---|---|---|---|"]
     for a, b in comparisons(list(by_name)):
         d = paired(by_name[a], by_name[b])

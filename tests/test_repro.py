@@ -143,6 +143,15 @@ def test_continuations_start_from_the_finished_source_of_the_same_seed(tmp_path,
     assert ("coe-2-4of64@upcycled", "moe-8of64@continued") in repro.comparisons(list(repro.CONTINUATIONS))
 
 
+def test_worst_load_averages_the_last_logging_steps_then_takes_the_worst():
+    recs = [{"step": s, "moe/layer0/iter0/load_imbalance": a, "moe/layer1/iter1/load_imbalance": b}
+            for s, a, b in ((1, 50.0, 50.0), (2, 2.0, 1.0), (3, 4.0, 7.0), (4, 3.0, 1.0), (5, 3.0, 1.0),
+                            (6, 3.0, 2.0))] + [{"step": 6, "valid/loss": 1.0}]
+    # last 5 logging steps: layer0/iter0 mean 3.0, layer1/iter1 mean 2.4 -> 3.0 (step 1 left out)
+    assert repro.worst_load(recs) == pytest.approx(3.0)
+    assert repro.worst_load([{"step": 1, "lm_loss": 2.0}]) is None
+
+
 def test_verdict_reversed_and_unequal():
     a = repro.Result("a", [2.0, 2.0], [], 1, 1, 0.0, 0.0)
     b = repro.Result("b", [1.0, 1.2], [], 1, 1, 0.0, 0.0)
