@@ -2,6 +2,7 @@
 
     coe-dist bench comm --grid configs/bench/ci.yaml --out runs/bench/ci          # under torchrun/srun/mpirun
     coe-dist bench comm --nproc 2 --iterations 1,2,4 --total-k 4 --ep-size 2       # starts torchrun itself
+    coe-dist bench comm --nproc 2 --grid configs/bench/dispatch.yaml --dispatch copies,dedup --dispatch-dtype fp8
     coe-dist bench comm --nproc 2 --grid configs/bench/calibrate.yaml --calibrate --profile-out PROFILE.yaml
     coe-dist bench project --profile h100-nvlink-ib400 --gpus 8,64,512,4096 --model configs/paper/coe-2-4of64.yaml
 
@@ -25,6 +26,9 @@ GRID_OPTIONS = (
     ("dtype", "bf16 | fp32 (wire and expert compute)"), ("ep_size", "P: expert-parallel group size"),
     ("routing", "learned-random | forced-balanced | skewed"), ("zipf", "Zipf exponent for --routing skewed"),
     ("num_shared_experts", "S: shared experts"), ("layers", "L: CoE layers per step"),
+    ("dispatch", "copies | dedup: a row per token copy, or per token and destination rank (moe.dispatch)"),
+    ("dispatch_dtype", "bf16 | fp8: forward dispatch rows in the compute dtype, or e4m3 + a float32 scale "
+                       "per row (moe.dispatch_dtype)"),
 )
 
 

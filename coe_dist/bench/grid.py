@@ -5,7 +5,13 @@ A grid is a mapping of keys to lists of values (YAML or command line); every com
     iterations (C), top_k (K), total_k (C*K: K = total_k // C, overrides top_k), num_experts (N),
     hidden (d), expert_hidden (f), tokens (T, per rank), dtype (bf16|fp32: wire and expert compute),
     ep_size (P: sub-groups of consecutive ranks), routing (learned-random | forced-balanced | skewed),
-    zipf (exponent of the skewed routing), num_shared_experts (S), layers (L)
+    zipf (exponent of the skewed routing), num_shared_experts (S), layers (L),
+    dispatch (copies | dedup: a row per token copy, or per token and destination rank, as moe.dispatch),
+    dispatch_dtype (bf16 | fp8: forward dispatch rows in the compute dtype, or e4m3 + a float32 scale per row,
+    as moe.dispatch_dtype; the combine stays in the compute dtype)
+
+A case's key names dispatch and dispatch_dtype only when they are not the defaults (copies, bf16), so the
+keys, seeds and tables of the cases from before the modes stay what they were.
 
 Also here: the routing tables of the forced-balanced and skewed modes, and the analytic byte counts.
 
@@ -25,12 +31,17 @@ from typing import Any
 import torch
 import yaml
 
-from coe_dist.bench.model import count_exchange_bytes
+from coe_dist.bench.model import FP8_SCALE_BYTES, SLOT_BYTES, Workload, count_exchange_bytes
 from coe_dist.config import ConfigError
 
 ROUTINGS = ("learned-random", "forced-balanced", "skewed")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+DISPATCHES = ("copies", "dedup")
+DISPATCH_DTYPES = ("bf16", "fp8")
+# fp8_wire quantizes float rows (scale = max|row| / 448) and dequantizes them to the compute dtype.
+FP8_COMPUTE_DTYPES = ("bf16", "fp32")
+DATA_A2A_KEYS = ("dispatch_fwd", "dispatch_bwd", "combine_fwd", "combine_bwd")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,15 +58,19 @@ class BenchCase:
     zipf: float = 1.0  # exponent for routing=skewed
     num_shared_experts: int = 0  # S
     layers: int = 1  # L
+    dispatch: str = "copies"  # copies | dedup
+    dispatch_dtype: str = "bf16"  # bf16 (rows in the compute dtype) | fp8
 
     @property
     def key(self) -> str:
-        """Stable, readable id, e.g. C2K2N8_d128f128_T256_bf16_P2_forced-balanced."""
+        """Stable, readable id, e.g. C2K2N8_d128f128_T256_bf16_P2_forced-balanced (+ _dedup, _fp8 when set)."""
         route = self.routing + (f"{self.zipf:g}" if self.routing == "skewed" else "")
         shared = f"S{self.num_shared_experts}" if self.num_shared_experts else ""
         layers = f"_L{self.layers}" if self.layers != 1 else ""
+        mode = (f"_{self.dispatch}" if self.dispatch != "copies" else "") + (
+            f"_{self.dispatch_dtype}" if self.dispatch_dtype != "bf16" else "")
         return (f"C{self.iterations}K{self.top_k}N{self.num_experts}{shared}_d{self.hidden}f{self.expert_hidden}"
-                f"_T{self.tokens}_{self.dtype}_P{self.ep_size}_{route}{layers}")
+                f"_T{self.tokens}_{self.dtype}_P{self.ep_size}_{route}{layers}{mode}")
 
     @property
     def local_experts(self) -> int:
@@ -63,7 +78,24 @@ class BenchCase:
 
     @property
     def wire_bytes(self) -> int:
+        """Bytes per element of the compute dtype (the rows' dtype but for fp8 forward dispatch rows)."""
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def slots(self) -> int:
+        """dedup: (gate, local expert) slots per row, S = min(K, E)."""
+        return min(self.top_k, self.local_experts)
+
+    def row_bytes(self, key: str) -> int:
+        """Bytes of one row in a data all-to-all (`key` one of DATA_A2A_KEYS): d elements of the compute
+        dtype; the forward dispatch with fp8, d e4m3 bytes and a float32 scale; dedup's dispatch (forward,
+        and backward with the gradients) S slots of a float32 gate and a float32 id more."""
+        row = self.hidden * self.wire_bytes
+        if key == "dispatch_fwd" and self.dispatch_dtype == "fp8":
+            row = self.hidden + FP8_SCALE_BYTES
+        if key.startswith("dispatch") and self.dispatch == "dedup":
+            row += self.slots * SLOT_BYTES
+        return row
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +123,15 @@ def validate_case(case: BenchCase, world_size: int | None = None) -> None:
     check(case.dtype in DTYPES, f"dtype={case.dtype!r} must be one of {', '.join(DTYPES)}")
     check(case.routing in ROUTINGS, f"routing={case.routing!r} must be one of {', '.join(ROUTINGS)}")
     check(case.num_shared_experts >= 0, "num_shared_experts must be >= 0")
+    check(case.dispatch in DISPATCHES,
+          f"dispatch={case.dispatch!r} must be one of {', '.join(DISPATCHES)}: set dispatch (--dispatch) to copies "
+          "(a row per token copy) or dedup (a row per token and destination rank)")
+    check(case.dispatch_dtype in DISPATCH_DTYPES,
+          f"dispatch_dtype={case.dispatch_dtype!r} must be one of {', '.join(DISPATCH_DTYPES)}: set dispatch_dtype "
+          "(--dispatch-dtype) to bf16 (rows in the compute dtype) or fp8 (e4m3 + a float32 scale per row)")
+    check(case.dispatch_dtype != "fp8" or case.dtype in FP8_COMPUTE_DTYPES,
+          f"dispatch_dtype=fp8 with dtype={case.dtype!r}: fp8 rows are quantized from and dequantized to a "
+          f"float compute dtype; set dtype to one of {', '.join(FP8_COMPUTE_DTYPES)}, or dispatch_dtype to bf16")
     if case.routing == "forced-balanced":
         check((case.tokens * case.top_k) % case.num_experts == 0,
               f"forced-balanced routing needs tokens*top_k ({case.tokens}*{case.top_k}) divisible by "
@@ -215,12 +256,16 @@ def zipf_table(tokens: int, top_k: int, num_experts: int, exponent: float,
 
 # ---------------------------------------------------------------- analytic counts
 
-def analytic_bytes_per_a2a(case: BenchCase) -> int:
-    """Bytes one rank sends to other ranks in one data all-to-all (dispatch or combine, forward or
-    backward) under forced-balanced routing: T*K copies, (P-1)/P of them off-rank, d elements each."""
+def analytic_bytes_per_a2a(case: BenchCase, key: str = "combine_fwd") -> int | None:
+    """Bytes one rank sends to other ranks in one data all-to-all (`key`: dispatch_fwd, dispatch_bwd,
+    combine_fwd, combine_bwd) under forced-balanced routing: T*K copies, (P-1)/P of them off-rank, a row
+    of `case.row_bytes(key)` each. None for dispatch=dedup: its rows, the distinct (token, other rank) pairs,
+    depend on which experts the table gives each token (tests/test_bench_dispatch.py counts them from it)."""
+    if case.dispatch == "dedup":
+        return None
     copies = case.tokens * case.top_k
     assert (copies * (case.ep_size - 1)) % case.ep_size == 0
-    return copies * (case.ep_size - 1) // case.ep_size * case.hidden * case.wire_bytes
+    return copies * (case.ep_size - 1) // case.ep_size * case.row_bytes(key)
 
 
 def counts_bytes(case: BenchCase) -> int:
@@ -236,10 +281,14 @@ def rounds_per_step(case: BenchCase) -> dict[str, int]:
 
 
 def expected_bytes_per_step(case: BenchCase) -> int:
-    """Bytes sent by one rank per step in the data all-to-alls, expected for uniform routing (exact for
-    forced-balanced): 4 all-to-alls (dispatch/combine x fwd/bwd) per layer and iteration."""
-    return 4 * case.layers * case.iterations * case.tokens * case.top_k * case.hidden * case.wire_bytes \
-        * (case.ep_size - 1) // case.ep_size
+    """Bytes sent by one rank per step in the data all-to-alls (dispatch/combine x fwd/bwd per layer and
+    iteration), expected for uniform routing: copies, T*K*(P-1)/P rows each (exact for forced-balanced);
+    dedup, the cost model's distinct ranks per token (`Workload.rows_per_token`; forced-balanced routing
+    gives a token consecutive experts, which share ranks more often than uniform draws)."""
+    if case.dispatch == "dedup":
+        return round(Workload.from_case(case).bytes_per_step)
+    row_sum = sum(case.row_bytes(key) for key in DATA_A2A_KEYS)
+    return case.layers * case.iterations * case.tokens * case.top_k * row_sum * (case.ep_size - 1) // case.ep_size
 
 
 def expert_flops(rows: int, case: BenchCase, backward: bool = False) -> float:

@@ -259,7 +259,7 @@ class Workload:
     def from_case(cls, case, ranks_per_node: int | None = None, imbalance: float = 1.0) -> Workload:
         return cls(case.iterations, case.top_k, case.num_experts, case.hidden, case.expert_hidden, case.tokens,
                    case.ep_size, case.num_shared_experts, case.layers, case.dtype, case.wire_bytes, imbalance,
-                   ranks_per_node)
+                   ranks_per_node, dispatch=case.dispatch, dispatch_dtype=case.dispatch_dtype)
 
     @property
     def local_experts(self) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from coe_dist.bench.grid import (
+    DATA_A2A_KEYS,
     BenchCase,
     analytic_bytes_per_a2a,
     counts_bytes,
@@ -57,6 +58,7 @@ def summarise(rows: list[dict], cases: list[BenchCase], step_walls: dict[str, li
         fastest: dict[tuple, float] = {}
         bytes_step: dict[tuple[int, int], int] = defaultdict(int)  # (rank, repeat) -> data bytes sent
         per_a2a: dict[int, set[int]] = defaultdict(set)  # rank -> distinct bytes per data all-to-all
+        per_call_site: dict[str, int] = defaultdict(int)  # dispatch_fwd, ... -> max bytes over ranks and calls
         rows_exp: dict[tuple, int] = defaultdict(int)  # (repeat, layer, iteration) -> max rows (experts fwd)
         rows_sum: dict[tuple, list[int]] = defaultdict(list)
         ranks = set()
@@ -68,6 +70,8 @@ def summarise(rows: list[dict], cases: list[BenchCase], step_walls: dict[str, li
             if r["phase"] in ("dispatch", "combine"):
                 bytes_step[(r["rank"], r["repeat"])] += r["bytes_sent"]
                 per_a2a[r["rank"]].add(r["bytes_sent"])
+                site = f"{r['phase']}_{r['direction']}"
+                per_call_site[site] = max(per_call_site[site], r["bytes_sent"])
             if r["phase"] == "experts" and r["direction"] == "fwd":
                 kk = (r["repeat"], r["layer"], r["iteration"])
                 rows_exp[kk] = max(rows_exp[kk], r["rows"])
@@ -115,8 +119,11 @@ def summarise(rows: list[dict], cases: list[BenchCase], step_walls: dict[str, li
                 "data_per_step_per_rank": {str(k): v for k, v in sorted(n_per_rank.items())},
                 "data_per_step_expected": expected_bytes_per_step(case),
                 "per_a2a_per_rank": {str(k): sorted(v) for k, v in sorted(per_a2a.items())},
-                "per_a2a_analytic_forced_balanced": (analytic_bytes_per_a2a(case)
-                                                     if case.routing == "forced-balanced" else None),
+                "per_a2a_max_by_call_site": dict(sorted(per_call_site.items())),
+                # copies only: dedup's rows depend on the table (analytic_bytes_per_a2a)
+                "per_a2a_analytic_forced_balanced": (
+                    {key: analytic_bytes_per_a2a(case, key) for key in DATA_A2A_KEYS}
+                    if case.routing == "forced-balanced" and case.dispatch == "copies" else None),
                 "counts_per_exchange": counts_bytes(case),
             },
             "rounds_per_step": rounds_per_step(case),
@@ -197,6 +204,10 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
+def _mode_changes_rows(case: BenchCase) -> bool:
+    return case.dispatch != "copies" or case.dispatch_dtype != "bf16"
+
+
 def observations(run: dict[str, Any], stat: str = "min", quantile: str = "median") -> list[Observation]:
     """Per-layer-iteration phase times of a run, ready for fitting or checking the cost model. stat 'min':
     the fastest rank's phase times (the intrinsic cost: a rank that had a core to itself, and for an
@@ -209,12 +220,16 @@ def observations(run: dict[str, Any], stat: str = "min", quantile: str = "median
         case = BenchCase(**s["config"])
         n = case.layers * case.iterations
         data_bytes = [max(v) for v in s["bytes"]["per_a2a_per_rank"].values() if v]
+        # fp8 and dedup's slots make the dispatch rows differ from the combine's: their bytes per call site. Copies
+        # in the compute dtype keep the busiest call of any site (what the fits used before the modes).
+        by_site = s["bytes"].get("per_a2a_max_by_call_site", {}) if _mode_changes_rows(case) else {}
         table = s["phases_min_rank"] if stat == "min" else s["phases"]
         for pk, st in table.items():
             phase = pk.rsplit("_", 1)[0]
             out.append(Observation(
                 case=case, phase_key=pk, seconds=st[quantile] / n,
-                bytes_offrank=max(data_bytes) if (phase in ("dispatch", "combine") and data_bytes) else 0.0,
+                bytes_offrank=(by_site.get(pk) or max(data_bytes)) if (phase in ("dispatch", "combine") and
+                                                                       data_bytes) else 0.0,
                 rows=float(s.get("rows_max") or 0.0),
                 ranks_per_node=int(meta["ranks_per_node"]), threads_per_rank=int(meta["threads_per_rank"]),
                 cores_per_node=int(meta["cores_per_node"]), stat=stat))

@@ -47,6 +47,17 @@ def _phase_totals(s: dict) -> dict[str, float]:
     return out
 
 
+def dispatch_label(c: dict) -> str:
+    """A case's dispatch mode: copies, dedup, copies+fp8 or dedup+fp8 (runs from before the modes: copies)."""
+    return c.get("dispatch", "copies") + ("+fp8" if c.get("dispatch_dtype", "bf16") == "fp8" else "")
+
+
+def _mode(c: dict) -> str:
+    """' dedup+fp8' etc. for a plot label; '' for the default mode, so labels of copies runs stay as they were."""
+    mode = dispatch_label(c)
+    return "" if mode == "copies" else f" {mode}"
+
+
 def _label(c: dict, skip: tuple[str, ...] = ()) -> str:
     parts = []
     if "iterations" not in skip:
@@ -59,7 +70,7 @@ def _label(c: dict, skip: tuple[str, ...] = ()) -> str:
         parts.append(f"T{c['tokens']}")
     if "ep_size" not in skip:
         parts.append(f"P{c['ep_size']}")
-    return " ".join(parts)
+    return " ".join(parts) + _mode(c)
 
 
 def breakdown_vs_ep(summaries: list[dict], path: Path, *, max_groups: int = 6) -> Path | None:
@@ -69,7 +80,8 @@ def breakdown_vs_ep(summaries: list[dict], path: Path, *, max_groups: int = 6) -
         c = _cfg(s)
         if c["routing"] != "forced-balanced":
             continue
-        key = (c["iterations"], c["top_k"], c["num_experts"], c["hidden"], c["expert_hidden"], c["tokens"])
+        key = (c["iterations"], c["top_k"], c["num_experts"], c["hidden"], c["expert_hidden"], c["tokens"],
+               dispatch_label(c))
         groups[key].append(s)
     if not groups:
         return None
@@ -114,14 +126,15 @@ def share_vs_c(summaries: list[dict], path: Path) -> Path | None:
         c = _cfg(s)
         if c["routing"] != "forced-balanced":
             continue
-        key = (s.get("world") or 0, c["ep_size"], c["iterations"] * c["top_k"], c["hidden"], c["tokens"])
+        key = (s.get("world") or 0, c["ep_size"], c["iterations"] * c["top_k"], c["hidden"], c["tokens"],
+               _mode(c))
         lines[key].append((c["iterations"], s))
     lines = {k: v for k, v in lines.items() if len({c for c, _ in v}) > 1}
     if not lines:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     cmap = plt.get_cmap("tab10")
-    for i, ((world, P, ck, d, T), pts) in enumerate(sorted(lines.items())):
+    for i, ((world, P, ck, d, T, mode), pts) in enumerate(sorted(lines.items())):
         pts.sort(key=lambda p: p[0])
         cs = [p[0] for p in pts]
         w = f"{world} ranks, " if world else ""
@@ -132,7 +145,7 @@ def share_vs_c(summaries: list[dict], path: Path) -> Path | None:
             lo = [m - p[1][key]["p25"] * 100 for m, p in zip(med, pts, strict=True)]
             hi = [p[1][key]["p75"] * 100 - m for m, p in zip(med, pts, strict=True)]
             ax.errorbar(cs, med, yerr=[lo, hi], marker="o", capsize=3, color=cmap(i % 10),
-                        linestyle="-" if P == 2 else "--", label=f"{w}P={P} d={d} T={T} (C*K={ck})")
+                        linestyle="-" if P == 2 else "--", label=f"{w}P={P} d={d} T={T} (C*K={ck}){mode}")
     for ax, title in zip(axes, ("slowest rank (what the step pays)", "fastest rank (the transfers)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({c for v in lines.values() for c, _ in v}))
@@ -153,7 +166,7 @@ def bytes_rounds(summaries: list[dict], path: Path) -> Path | None:
         c = _cfg(s)
         if c["routing"] != "forced-balanced":
             continue
-        pts[(c["iterations"] * c["top_k"], c["hidden"], c["tokens"], c["ep_size"])][c["iterations"]] = s
+        pts[(c["iterations"] * c["top_k"], c["hidden"], c["tokens"], c["ep_size"], _mode(c))][c["iterations"]] = s
     pts = {k: v for k, v in pts.items() if len(v) > 1}
     if not pts:
         return None
@@ -162,12 +175,12 @@ def bytes_rounds(summaries: list[dict], path: Path) -> Path | None:
     width = 0.8 / n
     allc = sorted({c for v in pts.values() for c in v})
     for i, (key, by_c) in enumerate(sorted(pts.items())):
-        ck, d, T, P = key
+        ck, d, T, P, mode = key
         xs = [allc.index(c) + (i - (n - 1) / 2) * width for c in sorted(by_c)]
         mib = [max(by_c[c]["bytes"]["data_per_step_per_rank"]["0"] or [0]) / 2 ** 20 for c in sorted(by_c)]
-        a1.bar(xs, mib, width=width, label=f"C*K={ck} d={d} T={T} P={P}")
+        a1.bar(xs, mib, width=width, label=f"C*K={ck} d={d} T={T} P={P}{mode}")
         rounds = [by_c[c]["rounds_per_step"]["total"] for c in sorted(by_c)]
-        a2.plot(sorted(by_c), rounds, marker="o", label=f"C*K={ck} P={P}")
+        a2.plot(sorted(by_c), rounds, marker="o", label=f"C*K={ck} P={P}{mode}")
     a1.set_xticks(range(len(allc)), [str(c) for c in allc])
     a1.set_xlabel("iterations C")
     a1.set_ylabel("MiB sent per rank per step (data all-to-alls)")
@@ -190,7 +203,8 @@ def skew_effect(summaries: list[dict], path: Path) -> Path | None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for s in summaries:
         c = _cfg(s)
-        key = (c["iterations"], c["top_k"], c["num_experts"], c["hidden"], c["tokens"], c["ep_size"], s.get("world"))
+        key = (c["iterations"], c["top_k"], c["num_experts"], c["hidden"], c["tokens"], c["ep_size"], s.get("world"),
+               dispatch_label(c))
         groups[key].append(s)
     groups = {k: v for k, v in groups.items() if len({routing_label(_cfg(s)) for s in v}) > 1
               and any(_cfg(s)["routing"] == "skewed" for s in v)}

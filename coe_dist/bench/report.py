@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coe_dist.bench.plots import routing_label
+from coe_dist.bench.plots import dispatch_label, routing_label
 
 MS = 1e3
 
@@ -16,9 +16,10 @@ def _rel(target: Path, start: Path) -> str:
 
 
 def case_table(summaries: list[dict], *, world_column: bool = False) -> str:
-    """One row per case: config, median step / all-to-all time (quartiles), share, bytes and rounds."""
-    head = ("| " + ("ranks | " if world_column else "") + "C | K | N | d | f | T | P | routing | step ms (p25-p75) | "
-            "all-to-all ms | a2a share | MiB/step/rank | rounds/step |")
+    """One row per case: config (dispatch: copies | dedup, +fp8 for fp8 dispatch rows), median step /
+    all-to-all time (quartiles), share, bytes and rounds."""
+    head = ("| " + ("ranks | " if world_column else "") + "C | K | N | d | f | T | P | routing | dispatch | "
+            "step ms (p25-p75) | all-to-all ms | a2a share | MiB/step/rank | rounds/step |")
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
     for s in summaries:
@@ -28,6 +29,7 @@ def case_table(summaries: list[dict], *, world_column: bool = False) -> str:
         lines.append("| " + (f"{s.get('world', '')} | " if world_column else "")
                      + f"{c['iterations']} | {c['top_k']} | {c['num_experts']} | {c['hidden']} | "
                      f"{c['expert_hidden']} | {c['tokens']} | {c['ep_size']} | {routing_label(c)} | "
+                     f"{dispatch_label(c)} | "
                      f"{st['median'] * MS:.2f} ({st['p25'] * MS:.2f}-{st['p75'] * MS:.2f}) | "
                      f"{cm['median'] * MS:.2f} | {sh['median'] * 100:.1f}% | {mib:.2f} | "
                      f"{s['rounds_per_step']['total']} |")

@@ -258,9 +258,9 @@ NCCL, CUDA-event timing) and `--calibrate` writes that cluster's profile.
 ## What is measured, and how
 
 `coe-dist bench comm` builds one CoE layer per case from the project's own pieces (`Router`, `permute`,
-`unpermute`, `_all_to_all`, `GroupedExperts`, `SwiGLU`) inside `coe_dist/bench/layer.py`, so the model code
-stays untouched, and times every phase of every (layer, iteration) on every rank:
-route, permute, counts (the `[P, E+1]` count all-to-all, per-expert counts and the sender's total as the
+`unpermute`, the dispatchers' exchange `_InFlight`, `GroupedExperts`, `SwiGLU`) inside
+`coe_dist/bench/layer.py`, so the model code stays untouched, and times every phase of every (layer, iteration)
+on every rank: route, permute, counts (the `[P, E+1]` count all-to-all, per-expert counts and the sender's total as the
 dispatcher sends them, and the one `.tolist()` of the split sizes with the dispatcher's check), dispatch
 all-to-all, regroup (received rows to expert order), experts (one grouped GEMM pass), ungroup, combine
 all-to-all, (shared experts), unpermute (weight by g, sum, residual), and the backward of each.
