@@ -96,3 +96,24 @@ def test_a_bad_plan_is_refused_naming_what_is_wrong(tmp_path, plan, message):
 def test_placement_with_routing_groups_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="moe.routing_groups=2: a placement relabels experts"):
         load_config(TINY, [f"moe.placement={tmp_path}/p.json", "moe.routing_groups=2"])
+
+
+def test_cost_model_takes_measured_distinct_ranks(tmp_path):
+    import dataclasses
+
+    from coe_dist.bench.model import Workload, distinct_ranks_per_token
+    from coe_dist.bench.scaling_doc import learned_distinct_ranks
+
+    uniform = Workload(2, 3, 64, 1024, 704, 4096, 8, dispatch="dedup")
+    assert uniform.rows_per_token == pytest.approx(distinct_ranks_per_token(64, 3, 8))
+    placed = dataclasses.replace(uniform, distinct_ranks=1.5)
+    assert placed.rows_per_token == 1.5
+    # data calls scale with the rows; slots too (a slot per copy per remote row: min(K, N/P) of them)
+    assert placed.a2a_bytes("combine", "fwd") / uniform.a2a_bytes("combine", "fwd") == pytest.approx(
+        1.5 / uniform.rows_per_token)
+    assert dataclasses.replace(placed, dispatch="copies").rows_per_token == 3  # copies ignores it
+    rows = [{"model": "CoE-2(4/64)", "ep": 8, "mode": "dedup+placement", "rows_per_token_iteration": 1.75},
+            {"model": "CoE-2(4/64)", "ep": 8, "mode": "dedup", "rows_per_token_iteration": 2.5}]
+    (tmp_path / "l.json").write_text(json.dumps({"rows": rows}))
+    assert learned_distinct_ranks(tmp_path / "l.json") == {("CoE-2(4/64)", 8): pytest.approx(2.0)}  # 1.75 * 8/7
+    assert learned_distinct_ranks(tmp_path / "missing.json") == {}

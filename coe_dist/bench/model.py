@@ -254,6 +254,9 @@ class Workload:
     ranks_per_node: int | None = None  # CPU runs: processes on the node (default: the profile's)
     dispatch: str = "copies"  # moe.dispatch: copies | dedup
     dispatch_dtype: str = "bf16"  # moe.dispatch_dtype: bf16 (the compute dtype) | fp8
+    # dedup: distinct ranks per token as measured (learned routing, experts placed by co-selection:
+    # benchmarks/learned_bytes.py); None: uniform routing's expectation
+    distinct_ranks: float | None = None
 
     @classmethod
     def from_case(cls, case, ranks_per_node: int | None = None, imbalance: float = 1.0) -> Workload:
@@ -284,6 +287,8 @@ class Workload:
     def rows_per_token(self) -> float:
         """Rows a token sends per data all-to-all (own rank included): K copies, or its distinct ranks."""
         if self.dispatch == "dedup":
+            if self.distinct_ranks is not None:
+                return self.distinct_ranks
             return distinct_ranks_per_token(self.num_experts, self.top_k, self.ep_size)
         return float(self.top_k)
 

@@ -479,7 +479,11 @@ instead of 2d). Under uniform routing a token reaches P * (1 - C(N - N/P, K) / C
 the busiest rank), {modes_k['coe'][1]:.2f} rows instead of {modes_k['coe'][0]} routed copies for CoE-2(4/64) and
 {modes_k['moe'][1]:.2f} instead of {modes_k['moe'][0]} for MoE(8/64) (the shared expert is local; with 64 routed
 experts and K = 4 or 8: 3.38 and 5.43). The slots travel in the rows' own all-to-all call. Columns: copies
-(the first table's numbers), dedup, dedup + fp8.
+(the first table's numbers), dedup, dedup + fp8, and dedup + placement: the distinct ranks per token measured
+under learned routing with experts placed by co-selection (`benchmarks/learned_bytes.py` on the repro runs'
+recorded choices, 64 routed experts, the same K as here; `docs/performance.md`), used where such a measurement
+exists for that ep (ep 8 and below); elsewhere the column repeats dedup. It carries the small models' routing
+statistics over to the paper's width: an assumption, not a measurement at that scale.
 
 Expert-parallel group inside one NVLink node (`--ep-size node`, ep = 8):
 
@@ -510,16 +514,31 @@ it) is not modelled: the dedup mode sends one row per destination rank.
     return out_md
 
 
-DISPATCH_MODES = {"copies": ("copies", "bf16"), "dedup": ("dedup", "bf16"), "dedup+fp8": ("dedup", "fp8")}
+DISPATCH_MODES = {"copies": ("copies", "bf16"), "dedup": ("dedup", "bf16"), "dedup+fp8": ("dedup", "fp8"),
+                  "dedup+placement": ("dedup", "bf16")}
+LEARNED = ROOT / "benchmarks" / "results" / "learned_bytes.json"
+
+
+def learned_distinct_ranks(path: Path = LEARNED) -> dict[tuple[str, int], float]:
+    """(model label, ep) -> distinct ranks per token measured under learned routing with experts placed by
+    co-selection (benchmarks/learned_bytes.py: rows to other ranks x P / (P - 1)); empty without the file."""
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {(r["model"], r["ep"]): r["rows_per_token_iteration"] * r["ep"] / (r["ep"] - 1)
+            for r in rows if r["mode"] == "dedup+placement"}
 
 
 def dispatch_projections(profile, coe, moe, gpus: list[int], ep_mode: str) -> dict[str, list[dict]]:
-    """The projection of both models under each dispatch mode (moe.dispatch, moe.dispatch_dtype)."""
+    """The projection of both models under each dispatch mode (moe.dispatch, moe.dispatch_dtype). The placement
+    mode takes the measured distinct ranks where there is a measurement for that ep (else uniform routing's,
+    i.e. the dedup column)."""
     out = {}
     for mode, (dispatch, wire) in DISPATCH_MODES.items():
         models = [dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch, dispatch_dtype=wire))
                   for cfg in (coe, moe)]
-        out[mode] = project.project(profile, models, gpus, ep_mode=ep_mode)
+        measured = learned_distinct_ranks() if mode == "dedup+placement" else None
+        out[mode] = project.project(profile, models, gpus, ep_mode=ep_mode, distinct_ranks=measured)
     return out
 
 
