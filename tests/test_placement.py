@@ -117,3 +117,9 @@ def test_cost_model_takes_measured_distinct_ranks(tmp_path):
     (tmp_path / "l.json").write_text(json.dumps({"rows": rows}))
     assert learned_distinct_ranks(tmp_path / "l.json") == {("CoE-2(4/64)", 8): pytest.approx(2.0)}  # 1.75 * 8/7
     assert learned_distinct_ranks(tmp_path / "missing.json") == {}
+
+
+def test_overwrite_clears_the_routing_statistics_of_the_earlier_run():
+    from coe_dist.train import coselection, rundir
+
+    assert coselection.FILE in rundir.RUN_OUTPUTS  # a new run's plan must not count the old run's choices

@@ -30,7 +30,7 @@ from coe_dist.train import checkpoint
 LOCK_FILE = "run.lock"
 LOCK_OWNER_VAR = "COE_DIST_RUN_LOCK_PID"  # set by `coe-dist train --nproc` for the trainers it starts
 # What a fresh start with --overwrite removes: everything an earlier run left that a later one would mix with.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "samples", "stopped.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "samples", "stopped.json", "coselection.safetensors")
 
 
 class RunDirError(UserError, OSError):
