@@ -123,3 +123,11 @@ def test_overwrite_clears_the_routing_statistics_of_the_earlier_run():
     from coe_dist.train import coselection, rundir
 
     assert coselection.FILE in rundir.RUN_OUTPUTS  # a new run's plan must not count the old run's choices
+
+
+def test_plan_without_statistics_fails_in_one_line(tmp_path, capsys):
+    from coe_dist.cli import main
+
+    assert main(["placement", "plan", "--checkpoint", str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "no coselection.safetensors" in err and str(tmp_path) in err and "\n" not in err
