@@ -83,6 +83,7 @@ class MoEConfig:
     dispatch: str = "copies"  # ep_size > 1 only: copies (a row per token copy) | dedup (a row per token and rank)
     dispatch_dtype: str = "bf16"  # ep_size > 1 only: bf16 (rows in the compute dtype) | fp8 (e4m3 + a scale per row)
     placement: str | None = None  # `coe-dist placement plan` output: which rank holds which expert (null: in order)
+    replace_interval: int = 0  # > 0: re-place experts by co-selection at checkpoint saves every this many steps
 
 
 @dataclass(kw_only=True)
@@ -386,9 +387,10 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
 
 def _validate_routing_groups(moe: MoEConfig) -> None:
     G, M, N, K = moe.routing_groups, moe.routing_group_topk, moe.num_experts, moe.top_k
-    _check(G == 1 or not moe.placement,
-           f"moe.placement={moe.placement!r} with moe.routing_groups={G}: a placement relabels experts, which "
-           "would change the groups and so the function; use one of them (null placement, or routing_groups=1)")
+    _check(G == 1 or not (moe.placement or moe.replace_interval),
+           f"moe.placement={moe.placement!r}, moe.replace_interval={moe.replace_interval} with moe.routing_groups={G}: "
+           "a placement relabels experts, which would change the groups and so the function; use one of them "
+           "(no placement, or routing_groups=1)")
     _check(G >= 1 and N % G == 0,
            f"moe.routing_groups={G}: must divide moe.num_experts={N} (1 = no device-limited routing), "
            f"e.g. moe.routing_groups=moe.ep_size")
@@ -461,6 +463,10 @@ def validate(cfg: RunConfig) -> None:
     _positive("log", lg, "log_interval", "eval_interval", "keep_last")
     _check(lg.eval_batches >= 0, f"log.eval_batches={lg.eval_batches}: must be >= 0")
     _check(lg.save_interval >= 0, f"log.save_interval={lg.save_interval}: must be >= 0 (0 = only at the end)")
+    r = cfg.moe.replace_interval
+    _check(r == 0 or (r > 0 and lg.save_interval and r % lg.save_interval == 0),
+           f"moe.replace_interval={r}: experts are re-placed at checkpoint saves; use 0 (off) or a positive "
+           f"multiple of log.save_interval={lg.save_interval} (which must be > 0)")
     _check(bool(lg.run_dir), "log.run_dir is empty: give a directory for logs and checkpoints")
     _check(0 < lg.collapse_share <= 1,
            f"log.collapse_share={lg.collapse_share}: must be in (0, 1] (a share of tokens; 1 = never warn)")

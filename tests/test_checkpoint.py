@@ -301,3 +301,18 @@ def test_replacement_moves_experts_and_keeps_the_function(tmp_path, straight, ca
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (a(tokens).logits - b(tokens).logits).abs().max() < 1e-4
+
+
+def test_automatic_replacement_at_saves_keeps_the_loss_curve(tmp_path, straight):
+    """moe.replace_interval=3: at the step-3 save the run plans a placement from its own co-selection and reloads
+    into it; the curve matches the straight run's (bitwise before, as a layout change after)."""
+    proc = run_train(2, tmp_path, *FAST, "moe.ep_size=2", "log.save_interval=3", "log.keep_last=5",
+                     "moe.replace_interval=3")
+    assert "step 3: experts re-placed by co-selection" in proc.stdout
+    replaced, full = losses(tmp_path), losses(straight)
+    assert all(replaced[s] == full[s] for s in (1, 2, 3))
+    for s in (4, 5, 6):
+        assert abs(replaced[s] - full[s]) / full[s] < 1e-5, (s, replaced[s], full[s])
+    placement = json.loads((tmp_path / "checkpoints" / "step_6" / "meta.json").read_text())["placement"]
+    assert placement and all(order != list(range(8)) for order in placement.values())  # experts did move
+    assert json.loads((tmp_path / "checkpoints" / "step_3" / "meta.json").read_text())["placement"] == {}

@@ -131,3 +131,12 @@ def test_plan_without_statistics_fails_in_one_line(tmp_path, capsys):
     assert main(["placement", "plan", "--checkpoint", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
     assert "no coselection.safetensors" in err and str(tmp_path) in err and "\n" not in err
+
+
+@pytest.mark.parametrize("sets", [["moe.replace_interval=5", "log.save_interval=3"],
+                                  ["moe.replace_interval=4", "log.save_interval=0"],
+                                  ["moe.replace_interval=-1"]])
+def test_replace_interval_must_fall_on_saves(sets):
+    with pytest.raises(ConfigError, match="moe.replace_interval=.*positive multiple of log.save_interval"):
+        load_config(TINY, sets)
+    load_config(TINY, ["moe.replace_interval=6", "log.save_interval=3"])  # a multiple is fine

@@ -219,6 +219,32 @@ def _place_experts(model: CoETransformer, cfg: RunConfig, penv: ProcessEnv) -> N
               "moved into it on load)")
 
 
+def _replace_experts(cfg: RunConfig, model: CoETransformer, engine, cosel: CoSelection, saved: Path,
+                     penv: ProcessEnv, step: int) -> None:
+    """moe.replace_interval: rank 0 plans a placement from the run's co-selection so far (METIS), every rank
+    takes it and reloads the checkpoint just saved into it: experts, router rows, biases and Adam moments move,
+    the function does not change. Collective."""
+    from coe_dist.train.placement import make_plan
+
+    plan = None
+    if penv.rank == 0 and cosel.totals:
+        layers = [layer.layer for layer in model.coe_layers()]
+        plan = make_plan(cosel.totals, layers, cfg.moe.num_experts, cfg.moe.iterations, cfg.moe.ep_size)
+    box = [plan]
+    if penv.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        say(penv, f"coe-dist: step {step}: no routing statistics yet (log.log_interval); experts stay in place")
+        return
+    for layer in model.coe_layers():
+        layer.set_placement(box[0]["layers"][str(layer.layer)])
+    checkpoint.load(saved, model, engine)
+    rows = box[0]["predicted_rows_per_token"]
+    before, after = (sum(r[k] for r in rows) / len(rows) for k in ("before", "after"))
+    say(penv, f"coe-dist: step {step}: experts re-placed by co-selection: rows per token and iteration "
+              f"{before:.3f} in order -> {after:.3f} (on the latest sampled tokens)")
+
+
 def _keep_placement(cfg: RunConfig, meta: dict, model: CoETransformer, penv: ProcessEnv) -> None:
     """A resume without moe.placement keeps the checkpoint's placement (as it keeps any other layout choice
     that costs nothing to keep); `--set moe.placement=PLAN` replaces it."""
@@ -440,8 +466,11 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
             result.valid[step] = _validate(cfg, penv, engine, data, logger, device, step)
         if sums[2] > 0 or step == t.steps or (cfg.log.save_interval and step % cfg.log.save_interval == 0):
             where.phase = "checkpoint save"
-            _save(cfg, run_dir, step, model, engine, data, penv, guard)
+            saved = _save(cfg, run_dir, step, model, engine, data, penv, guard)
             cosel.save()
+            if cfg.moe.replace_interval and step % cfg.moe.replace_interval == 0 and step < t.steps:
+                where.phase = "expert re-placement (checkpoint reload)"
+                _replace_experts(cfg, model, engine, cosel, saved, penv, step)
         if sums[2] > 0:
             result.stopped_by_signal = int(stop.signum or signal.SIGTERM)
             say(penv, f"coe-dist: stopped by signal at step {step}; resume with --resume auto")
