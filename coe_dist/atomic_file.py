@@ -28,8 +28,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Replace `path` by `text` atomically (write + fsync + rename); on failure the old file is untouched."""
+    """Replace `path` by `text` atomically (write + fsync + rename); on failure the old file is untouched.
+    A symlink keeps pointing where it did: the file it names is replaced (the temporary file goes next to it)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb" if isinstance(text, bytes) else "w") as f:

@@ -229,6 +229,7 @@ if plan["mounted"]:
     (tmp / "stop-elsewhere" / "checkpoints").mkdir(parents=True)
     (tmp / "mnt-stop" / "checkpoints").symlink_to(tmp / "stop-elsewhere" / "checkpoints")
     (tmp / "mnt-stop" / "metrics.jsonl").symlink_to(tmp / "stop-elsewhere" / "metrics.jsonl")
+    (tmp / "mnt-stop" / "coselection.safetensors").symlink_to(tmp / "stop-elsewhere" / "coselection.safetensors")
 shutil.copytree(tmp / "good", tmp / "overwrite")
 run("overwrite", ["--overwrite", "--set", "train.steps=1"])
 for name, argv, env, command in plan["cases"]:

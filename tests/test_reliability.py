@@ -460,3 +460,18 @@ def test_damaged_checkpoint_is_named_and_skipped(tmp_path, damage):
     assert any("'latest' names step_2 but the newest good checkpoint is step_1" in w for w in warnings), warnings
     with pytest.raises(checkpoint.CheckpointError, match=expected):
         checkpoint.verify(newest)
+
+
+def test_atomic_write_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    from coe_dist.atomic_file import write_atomic
+
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "stats.bin"
+    target.write_bytes(b"old")
+    link = tmp_path / "stats.bin"
+    link.symlink_to(target)
+    write_atomic(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary file went next to target
+    write_atomic(tmp_path / "plain.txt", "text")
+    assert (tmp_path / "plain.txt").read_text() == "text"
