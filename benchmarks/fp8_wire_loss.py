@@ -66,8 +66,9 @@ def main() -> int:
     print("| dispatch rows | final valid loss, mean ± s.e. | per seed |\n|---|---|---|")
     for wire in WIRES:
         xs = finals[wire]
-        print(f"| {wire} | {statistics.mean(xs):.4f} ± {stderr(xs):.4f} | {', '.join(f'{x:.4f}' for x in xs)} |")
-    print(f"| fp8 - bf16, paired | {statistics.mean(diffs):+.4f} ± {stderr(diffs):.4f} | "
+        label = "e4m3 + scale" if wire == "fp8" else "the compute dtype"
+        print(f"| {label} | {statistics.mean(xs):.4f} ± {stderr(xs):.4f} | {', '.join(f'{x:.4f}' for x in xs)} |")
+    print(f"| fp8 - compute dtype, paired | {statistics.mean(diffs):+.4f} ± {stderr(diffs):.4f} | "
           f"{', '.join(f'{d:+.4f}' for d in diffs)} |")
     Path(args.out).write_text(json.dumps({"args": vars(args), "seeds": seeds, "finals": finals, "diffs": diffs},
                                          indent=1))
