@@ -123,6 +123,28 @@ def environment() -> dict[str, object]:
     }
 
 
+def start_gloo_ranks() -> tuple[int, int]:
+    """One intra-op thread per rank (ranks share the cores) and a gloo group: (rank, world size)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def mean_over_ranks(mine: dict[str, float], world: int, slowest: tuple[str, ...] = ()) -> dict[str, float]:
+    """Every rank's figures averaged (collective); the keys in `slowest` take the largest rank's value."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    out = {}
+    for key in mine:
+        values = [r[key] for r in everyone]
+        out[key] = max(values) if key in slowest else sum(values) / world
+    return out
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import write_json
+    from benchmarks.common import mean_over_ranks, start_gloo_ranks, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import write_json
+    from common import mean_over_ranks, start_gloo_ranks, write_json
 
 from coe_dist.bench.model import Workload
 from coe_dist.config import MoEConfig
@@ -76,9 +76,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024, help="d (the paper configs' 1024)")
     p.add_argument("--out", default="benchmarks/results/dedup_bytes.json")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_gloo_ranks()
     rows = []
     for model in MODELS:
         for P in (2, 4, 8):
@@ -86,10 +84,7 @@ def main() -> None:
                 continue
             for mode in MODES:
                 mine = measure(model, P, mode, args, rank)
-                everyone: list = [None] * world
-                dist.all_gather_object(everyone, mine)
-                rows.append({"model": model, "ep": P, "mode": mode,
-                             **{k: sum(r[k] for r in everyone) / world for k in mine}})
+                rows.append({"model": model, "ep": P, "mode": mode, **mean_over_ranks(mine, world)})
     if rank == 0:
         base = {(r["model"], r["ep"]): r["bytes_per_token_step"] for r in rows if r["mode"] == "copies"}
         print("| model | ep | mode | rows/token/iteration to other ranks (model) | KiB/token/step sent "

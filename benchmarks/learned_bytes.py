@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import write_json
+    from benchmarks.common import mean_over_ranks, start_gloo_ranks, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import write_json
+    from common import mean_over_ranks, start_gloo_ranks, write_json
 
 from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
@@ -111,9 +111,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="forward + backward passes timed per mode (median)")
     p.add_argument("--out", default="benchmarks/results/learned_bytes.json")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_gloo_ranks()
     rows = []
     for spec in args.runs:
         name, run = spec.split("=", 1)
@@ -126,11 +124,8 @@ def main() -> None:
             plan = make_plan(stats, layers, cfg["num_experts"], cfg["iterations"], P)
             for mode in MODES:
                 mine = measure(stats, cfg, P, mode, plan, args, rank)
-                everyone: list = [None] * world
-                dist.all_gather_object(everyone, mine)
-                row = {k: sum(r[k] for r in everyone) / world for k in mine}
                 # time: the slowest rank's (every rank waits for it at the next all-to-all)
-                row.update({k: max(r[k] for r in everyone) for k in ("seconds_median", "a2a_seconds_median")})
+                row = mean_over_ranks(mine, world, slowest=("seconds_median", "a2a_seconds_median"))
                 rows.append({"model": name, "run": run, "ep": P, "mode": mode, **row})
     if rank == 0:
         base = {(r["model"], r["ep"]): r["bytes_per_token_step"] for r in rows if r["mode"] == "copies"}
