@@ -6,6 +6,8 @@
     coe-dist generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt TEXT
     coe-dist convert export --checkpoint RUN_OR_CHECKPOINT_DIR --output DIR [--format hf|reference]
     coe-dist convert import --from-hf DIR --iterations C --output RUN_DIR | --from-reference DIR --output RUN_DIR
+    coe-dist convert import --from-checkpoint MOE_RUN --iterations C --top-k K --output RUN_DIR
+    coe-dist placement plan --checkpoint RUN [--ep-size P]    then  train ... --set moe.placement=PLAN
     coe-dist train --config FILE --init-from RUN_OR_CHECKPOINT_DIR
     coe-dist bench comm --nproc 2 --grid configs/bench/ci.yaml | bench project --profile PROFILE --gpus 8,64
     coe-dist slurm submit --config FILE --nodes N --procs-per-node P [--check] [--dry-run] [--wait] | status | cancel
