@@ -143,6 +143,8 @@ class LogConfig:
     sample_log: bool = False  # each rank appends the dataset indices it consumed to <run_dir>/samples/
     collapse_share: float = 0.5  # warn when one expert gets more than this share of a (layer, iteration)'s tokens
     collapse_steps: int = 5  # ... on this many logging steps in a row
+    # co-selection counts for `coe-dist placement plan` (one all-reduce of L x (2C-1) x N^2 counts per logging step)
+    coselection: bool = True
 
 
 @dataclass(kw_only=True)
@@ -467,6 +469,9 @@ def validate(cfg: RunConfig) -> None:
     _check(r == 0 or (r > 0 and lg.save_interval and r % lg.save_interval == 0),
            f"moe.replace_interval={r}: experts are re-placed at checkpoint saves; use 0 (off) or a positive "
            f"multiple of log.save_interval={lg.save_interval} (which must be > 0)")
+    _check(r == 0 or lg.coselection,
+           f"moe.replace_interval={r} with log.coselection=false: re-placement plans from the co-selection counts; "
+           "turn log.coselection on, or moe.replace_interval=0")
     _check(bool(lg.run_dir), "log.run_dir is empty: give a directory for logs and checkpoints")
     _check(0 < lg.collapse_share <= 1,
            f"log.collapse_share={lg.collapse_share}: must be in (0, 1] (a share of tokens; 1 = never warn)")

@@ -140,3 +140,19 @@ def test_replace_interval_must_fall_on_saves(sets):
     with pytest.raises(ConfigError, match="moe.replace_interval=.*positive multiple of log.save_interval"):
         load_config(TINY, sets)
     load_config(TINY, ["moe.replace_interval=6", "log.save_interval=3"])  # a multiple is fine
+
+
+def test_coselection_off_records_none_and_replacement_needs_it():
+    from coe_dist.config import MoEConfig
+    from coe_dist.model.coe import CoELayer
+
+    layer = CoELayer(MoEConfig(num_experts=4, top_k=2, iterations=2, expert_hidden_size=8), 16)
+    u = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(0))
+    for on in (True, False):
+        layer.record_routing, layer.record_coselection, layer.routing_record = True, on, {}
+        layer(u)
+        keys = set(layer.routing_record)
+        assert ({"iter0/pairs", "iter1/pairs", "iter1/follows", "iter0/sample"} <= keys) == on
+        assert "iter1/counts" in keys  # the load metrics stay
+    with pytest.raises(ConfigError, match="moe.replace_interval=3 with log.coselection=false"):
+        load_config(TINY, ["moe.replace_interval=3", "log.save_interval=3", "log.coselection=false"])

@@ -92,8 +92,10 @@ class CoELayer(nn.Module):
         # expert_order[s]. Routers' rows and checkpoints follow the slots, so routing and dispatch need no table;
         # only the routing records speak original ids (statistics that survive a re-placement).
         self.register_buffer("expert_order", torch.arange(config.num_experts), persistent=False)
-        # Set by the trainer on logging steps: the next forward records routing statistics (no collectives).
+        # Set by the trainer on logging steps: the next forward records routing statistics (no collectives);
+        # record_coselection adds which experts tokens pick together (log.coselection).
         self.record_routing = False
+        self.record_coselection = True
         self.routing_record: dict[str, object] = {}
         self.reset_parameters(seed, init_std)
 
@@ -153,10 +155,11 @@ class CoELayer(nn.Module):
         rec[f"iter{iteration}/counts"] = expert_counts(routing.experts_TK, N)
         rec[f"iter{iteration}/entropy"] = float(entropy)
         ids_TK = self.expert_order[routing.experts_TK].sort(dim=-1).values
-        rec[f"iter{iteration}/pairs"] = coselection_counts(ids_TK, N)
-        if prev_TK is not None:
-            rec[f"iter{iteration}/follows"] = transition_counts(prev_TK, ids_TK, N)
-        rec[f"iter{iteration}/sample"] = ids_TK[:ROUTING_SAMPLE_TOKENS]
+        if self.record_coselection:
+            rec[f"iter{iteration}/pairs"] = coselection_counts(ids_TK, N)
+            if prev_TK is not None:
+                rec[f"iter{iteration}/follows"] = transition_counts(prev_TK, ids_TK, N)
+            rec[f"iter{iteration}/sample"] = ids_TK[:ROUTING_SAMPLE_TOKENS]
         return ids_TK
 
     def set_placement(self, order: list[int]) -> None:

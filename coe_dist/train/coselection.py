@@ -35,16 +35,16 @@ def _count_keys(model: CoETransformer) -> list[str]:
 
 
 class CoSelection:
-    def __init__(self, run_dir: Path, rank: int) -> None:
-        self.path, self.rank = Path(run_dir) / FILE, rank
+    def __init__(self, run_dir: Path, rank: int, enabled: bool = True) -> None:
+        self.path, self.rank, self.enabled = Path(run_dir) / FILE, rank, enabled
         self.totals: dict[str, torch.Tensor] = {}
-        if rank == 0 and self.path.is_file():
+        if enabled and rank == 0 and self.path.is_file():
             self.totals = load_file(str(self.path))
 
     def add(self, model: CoETransformer, world_size: int) -> None:
-        """Collective when world_size > 1: after a recorded forward, on every rank."""
+        """Collective when world_size > 1: after a recorded forward, on every rank (a no-op when disabled)."""
         layers = {f"layer{layer.layer}": layer.routing_record for layer in model.coe_layers() if layer.routing_record}
-        if not layers:
+        if not self.enabled or not layers:
             return
         keys = [k for k in _count_keys(model) if k.split("/")[0] in layers]
         counts = torch.stack([layers[k.split("/")[0]]["/".join(k.split("/")[1:])].double().cpu() for k in keys])

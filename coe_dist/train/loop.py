@@ -377,7 +377,7 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
     tokens_per_step = t.micro_batch_size * t.grad_accum * penv.world_size * t.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     comm_delta = CommDelta()
-    cosel = CoSelection(run_dir, penv.rank)
+    cosel = CoSelection(run_dir, penv.rank, enabled=cfg.log.coselection)
     collapse = guards.CollapseWatch(cfg.log.collapse_share, cfg.log.collapse_steps, cfg.moe.top_k)
     sample_log = SampleLog(run_dir, penv.rank) if cfg.log.sample_log else None
     # ZeRO 1/2 leave out an update whose gradient norm is not finite (engine.was_step_applied() says so);
@@ -396,7 +396,7 @@ def _run(cfg, penv, engine, model, data, logger, device, start_step, stop, guard
         applied = True
         for micro in range(t.grad_accum):
             where.phase = "forward (expert all-to-all)"
-            start_recording(model, _is_log_step(cfg, step + 1) and micro == t.grad_accum - 1)
+            start_recording(model, _is_log_step(cfg, step + 1) and micro == t.grad_accum - 1, cfg.log.coselection)
             tokens_BL, targets_BL, positions = data.train.next_micro_batch()
             consumed += [data.train.dataset_index(p) for p in positions]
             with autocast(cfg, device):

@@ -13,9 +13,10 @@ import torch.distributed as dist
 from coe_dist.model import CoETransformer
 
 
-def start_recording(model: CoETransformer, on: bool) -> None:
+def start_recording(model: CoETransformer, on: bool, coselection: bool = True) -> None:
     for layer in model.coe_layers():
         layer.record_routing = on
+        layer.record_coselection = coselection
         if on:
             layer.routing_record = {}
 
