@@ -117,7 +117,7 @@ def main() -> None:
         name, run = spec.split("=", 1)
         stats, run_dir = coselection.read(Path(run))
         cfg = resolve_checkpoint(run_dir)[1]["config"]["moe"]
-        layers = sorted({int(k.split("/")[0].removeprefix("layer")) for k in stats})
+        layers = coselection.layers_in(stats)
         for P in (2, 4, 8):
             if world % P:
                 continue

@@ -145,6 +145,12 @@ class CoETransformer(nn.Module):
     def coe_layers(self) -> list[CoELayer]:
         return [m for m in self.modules() if isinstance(m, CoELayer)]
 
+    def set_placement(self, orders: dict[int, list[int]]) -> None:
+        """Layer index -> original expert per slot (moe.placement); layers not named keep theirs."""
+        for layer in self.coe_layers():
+            if layer.layer in orders:
+                layer.set_placement(orders[layer.layer])
+
     def forward(self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None = None) -> LMOutput:
         x_BLD = self.embed(tokens_BL)
         aux = x_BLD.new_zeros((), dtype=torch.float32)

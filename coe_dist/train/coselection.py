@@ -25,13 +25,9 @@ FILE = "coselection.safetensors"
 SAMPLE_STEPS = 8  # logging steps of sampled choices kept (the newest), to predict a placement's traffic
 
 
-def _count_keys(model: CoETransformer) -> list[str]:
-    """The counters this model records, in one order on every rank: layer{l}/iter{t}/pairs|follows."""
-    keys = []
-    for layer in model.coe_layers():
-        for t in range(layer.config.iterations):
-            keys += [f"layer{layer.layer}/iter{t}/pairs"] + ([f"layer{layer.layer}/iter{t}/follows"] if t else [])
-    return keys
+def layers_in(stats: dict[str, torch.Tensor]) -> list[int]:
+    """The layer indices a statistics file covers (keys layer{l}/iter{t}/...)."""
+    return sorted({int(key.split("/")[0].removeprefix("layer")) for key in stats})
 
 
 class CoSelection:
@@ -43,23 +39,25 @@ class CoSelection:
 
     def add(self, model: CoETransformer, world_size: int) -> None:
         """Collective when world_size > 1: after a recorded forward, on every rank (a no-op when disabled)."""
-        layers = {f"layer{layer.layer}": layer.routing_record for layer in model.coe_layers() if layer.routing_record}
-        if not self.enabled or not layers:
+        records = [(f"layer{layer.layer}", layer.routing_record) for layer in model.coe_layers()
+                   if layer.routing_record]
+        if not self.enabled or not records:
             return
-        keys = [k for k in _count_keys(model) if k.split("/")[0] in layers]
-        counts = torch.stack([layers[k.split("/")[0]]["/".join(k.split("/")[1:])].double().cpu() for k in keys])
+        # The same keys in the same order on every rank: the records are filled by the same code.
+        counts = {f"{name}/{key}": c for name, rec in records for key, c in rec.items()
+                  if key.endswith(("/pairs", "/follows"))}
+        summed = torch.stack([c.double().cpu() for c in counts.values()])
         if world_size > 1:
-            dist.all_reduce(counts)
+            dist.all_reduce(summed)
         if self.rank != 0:
             return
-        for key, c in zip(keys, counts, strict=True):
+        for key, c in zip(counts, summed, strict=True):
             self.totals[key] = self.totals.get(key, torch.zeros_like(c)) + c
-        for layer in model.coe_layers():
-            for t in range(layer.config.iterations if layer.routing_record else 0):
-                key = f"layer{layer.layer}/iter{t}/sample"
-                new = layer.routing_record[f"iter{t}/sample"].to(torch.int32).cpu()
-                old = self.totals.get(key, new[:0])
-                self.totals[key] = torch.cat([old, new])[-SAMPLE_STEPS * len(new):]
+        for name, rec in records:
+            for key in (k for k in rec if k.endswith("/sample")):
+                new = rec[key].to(torch.int32).cpu()
+                old = self.totals.get(f"{name}/{key}", new[:0])
+                self.totals[f"{name}/{key}"] = torch.cat([old, new])[-SAMPLE_STEPS * len(new):]
 
     def save(self) -> None:
         if self.rank == 0 and self.totals:

@@ -213,8 +213,7 @@ def _place_experts(model: CoETransformer, cfg: RunConfig, penv: ProcessEnv) -> N
     """moe.placement: the plan's slot order in every CoE layer, before any weights are loaded into it."""
     from coe_dist.train.placement import read_plan
 
-    for layer_id, order in read_plan(cfg, [layer.layer for layer in model.coe_layers()]).items():
-        next(layer for layer in model.coe_layers() if layer.layer == layer_id).set_placement(order)
+    model.set_placement(read_plan(cfg, [layer.layer for layer in model.coe_layers()]))
     say(penv, f"coe-dist: experts placed by {cfg.moe.placement} (a checkpoint saved in another placement is "
               "moved into it on load)")
 
@@ -224,7 +223,7 @@ def _replace_experts(cfg: RunConfig, model: CoETransformer, engine, cosel: CoSel
     """moe.replace_interval: rank 0 plans a placement from the run's co-selection so far (METIS), every rank
     takes it and reloads the checkpoint just saved into it: experts, router rows, biases and Adam moments move,
     the function does not change. Collective."""
-    from coe_dist.train.placement import make_plan
+    from coe_dist.train.placement import make_plan, mean_rows
 
     plan = None
     if penv.rank == 0 and cosel.totals:
@@ -236,11 +235,9 @@ def _replace_experts(cfg: RunConfig, model: CoETransformer, engine, cosel: CoSel
     if box[0] is None:
         say(penv, f"coe-dist: step {step}: no routing statistics yet (log.log_interval); experts stay in place")
         return
-    for layer in model.coe_layers():
-        layer.set_placement(box[0]["layers"][str(layer.layer)])
+    model.set_placement({int(k): order for k, order in box[0]["layers"].items()})
     checkpoint.load(saved, model, engine)
-    rows = box[0]["predicted_rows_per_token"]
-    before, after = (sum(r[k] for r in rows) / len(rows) for k in ("before", "after"))
+    before, after = mean_rows(box[0])
     say(penv, f"coe-dist: step {step}: experts re-placed by co-selection: rows per token and iteration "
               f"{before:.3f} in order -> {after:.3f} (on the latest sampled tokens)")
 
@@ -251,9 +248,7 @@ def _keep_placement(cfg: RunConfig, meta: dict, model: CoETransformer, penv: Pro
     saved = meta.get("placement") or {}
     if cfg.moe.placement or not saved:
         return
-    for layer in model.coe_layers():
-        if str(layer.layer) in saved:
-            layer.set_placement(saved[str(layer.layer)])
+    model.set_placement({int(k): order for k, order in saved.items()})
     say(penv, "coe-dist: keeping the checkpoint's expert placement")
 
 

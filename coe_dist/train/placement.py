@@ -114,6 +114,12 @@ def make_plan(stats: dict[str, torch.Tensor], layers: list[int], num_experts: in
             "predicted_rows_per_token": predicted}
 
 
+def mean_rows(plan: dict) -> tuple[float, float]:
+    """The plan's predicted rows per token and iteration, in order and placed, averaged over layers."""
+    rows = plan["predicted_rows_per_token"]
+    return tuple(sum(r[k] for r in rows) / len(rows) for k in ("before", "after"))
+
+
 # ------------------------------------------------------------------ using a plan
 
 def read_plan(cfg: RunConfig, layers: list[int]) -> dict[int, list[int]]:
@@ -150,7 +156,7 @@ def _plan(args: argparse.Namespace) -> int:
     _, meta = resolve_checkpoint(run)
     moe, model = meta["config"]["moe"], meta["config"]["model"]
     P = args.ep_size or moe["ep_size"]
-    layers = sorted({int(k.split("/")[0].removeprefix("layer")) for k in stats})
+    layers = coselection.layers_in(stats)
     plan = make_plan(stats, layers, moe["num_experts"], moe["iterations"], P)
     plan["source"] = str(run)
     out = Path(args.output or run / f"placement-ep{P}.json")
@@ -162,11 +168,11 @@ def _plan(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layer']} | {r['iteration']} | {r['copies']} | {r['before']:.3f} | {r['after']:.3f} |")
-    before, after = (sum(r[k] for r in rows) for k in ("before", "after"))
-    row_bytes = 2 * 2 * model["hidden_size"]  # dispatch + combine, bf16
-    print(f"mean rows per token and iteration: {before / len(rows):.3f} -> {after / len(rows):.3f} "
-          f"({after / before:.1%}; copies send {rows[0]['copies']}); all-to-all bytes per token over all layers and "
-          f"iterations (dispatch + combine, bf16): {before * row_bytes:,.0f} -> {after * row_bytes:,.0f}")
+    before, after = mean_rows(plan)
+    row_bytes = 2 * 2 * model["hidden_size"] * len(rows)  # dispatch + combine, bf16, every layer and iteration
+    print(f"mean rows per token and iteration: {before:.3f} -> {after:.3f} ({after / before:.1%}; copies send "
+          f"{rows[0]['copies']}); all-to-all bytes per token over all layers and iterations (dispatch + combine, "
+          f"bf16): {before * row_bytes:,.0f} -> {after * row_bytes:,.0f}")
     print(f"wrote {out}; use it with: coe-dist train ... --resume auto --set moe.placement={out}")
     return 0
 
