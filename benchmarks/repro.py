@@ -9,7 +9,10 @@ Preprocesses ../shared/data/gsm8k (train for training, test for validation) with
 trains every config with 2 ranks and ep 2 for each seed, then tabulates the final validation loss
 (mean +/- standard error over seeds), parameters, peak memory, tokens/s and wall time, the paired
 difference per seed of each compared pair (the same seed means the same data order), and plots validation
-loss against step. A config name may carry variants, `NAME+VARIANT[+VARIANT]` (VARIANTS below: a set of
+loss against step. Each finished run is also kept as one line of <out dir>/repro/runs.jsonl (its curve, final
+loss, size, speed, balance, machine and dtype; docs/repro/runs.jsonl in git), and the table is made from all the
+lines kept there: seeds trained on another day or machine still count, and run directories need not outlive the
+machine. A config name may carry variants, `NAME+VARIANT[+VARIANT]` (VARIANTS below: a set of
 `--set` overrides on configs/repro/NAME.yaml). Runs that already finished (their metrics.jsonl reaches the
 last step) are not rerun; an interrupted one continues from its last checkpoint (--resume auto).
 A continuation `NAME@HOW` (CONTINUATIONS below) trains configs/repro/NAME.yaml for --continue-steps steps from a
@@ -29,6 +32,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
+
+from coe_dist.atomic_file import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -89,6 +96,8 @@ CONTINUATIONS = {
     # the MoE's 7 of 64 routed experts per token become 2 iterations x 3 (each router a copy of the MoE's)
     "coe-2-4of64@upcycled": ("moe-8of64", ["--iterations", "2", "--top-k", "3"]),
 }
+# <out dir>/repro/runs.jsonl: one line per finished run (run_record), kept in git; the table is made from them
+RECORDS = "runs.jsonl"
 WALL = "repro_wall.json"  # <run_dir>/repro_wall.json: seconds this harness spent on the run, over its attempts
 
 
@@ -187,6 +196,7 @@ class Result:
     seeds: list[int] | None = None  # the seed of each entry of finals
     wall_s: list[float | None] | None = None  # harness wall time per seed (None: not run by this harness)
     max_load: list[float | None] | None = None  # per seed: worst (layer, iteration) busiest-expert load / mean
+    machines: list[str] | None = None  # per seed: machine_label() of the hardware and dtype it trained with
 
     @property
     def mean(self) -> float:
@@ -216,23 +226,73 @@ def worst_load(recs: list[dict]) -> float | None:
     return max((statistics.mean(r[k] for r in logged if k in r) for k in keys), default=None)
 
 
-def load_result(name: str, dirs: list[Path]) -> Result:
-    finals, curves, tps, peak, walls, loads = [], [], [], 0.0, [], []
-    for d in dirs:
-        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        loads.append(worst_load(recs))
-        # dict: after a resume a step logged twice counts once, with its last value
-        curve = sorted({r["step"]: r["valid/loss"] for r in recs if "valid/loss" in r}.items())
-        curves.append(curve)
-        finals.append(curve[-1][1])
-        tps += [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
-        peak = max([peak] + [r["peak_memory_mib"] for r in recs if "peak_memory_mib" in r])
-        walls.append(json.loads((d / WALL).read_text())["seconds"] if (d / WALL).is_file() else None)
-    info = json.loads((dirs[0] / "run_info.json").read_text())
+def run_record(name: str, run_dir: Path) -> dict:
+    """What the summary needs of one finished run, small enough to keep in git next to the table (run
+    directories are hundreds of MB and do not outlive the machine that trained them)."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # dict: after a resume a step logged twice counts once, with its last value
+    curve = sorted({r["step"]: r["valid/loss"] for r in recs if "valid/loss" in r}.items())
+    tps = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r]
+    info = json.loads((run_dir / "run_info.json").read_text())
     local, ep = info["layout"]["parameters_rank0"], info["layout"]["ep_size"]
-    experts = local["expert_local"] * ep
-    return Result(name, finals, curves, local["dense"] + experts, experts, peak, statistics.median(tps),
-                  [_seed_of(d) for d in dirs], walls, loads)
+    config = run_dir / "config.yaml"
+    dtype = yaml.safe_load(config.read_text())["train"]["dtype"] if config.is_file() else None
+    return {"config": name, "seed": _seed_of(run_dir), "final": curve[-1][1], "curve": [list(c) for c in curve],
+            "params": local["dense"] + local["expert_local"] * ep, "expert_params": local["expert_local"] * ep,
+            "peak_mib": max((r["peak_memory_mib"] for r in recs if "peak_memory_mib" in r), default=0.0),
+            "tokens_per_s": statistics.median(tps) if tps else None,
+            "wall_s": json.loads((run_dir / WALL).read_text())["seconds"] if (run_dir / WALL).is_file() else None,
+            "max_load": worst_load(recs), "dtype": dtype, "machine": info.get("machine"),
+            "date": time.strftime("%Y-%m-%d", time.gmtime((run_dir / "metrics.jsonl").stat().st_mtime))}
+
+
+def result_of(name: str, records: list[dict]) -> Result:
+    """One config's row from its runs' records (any order)."""
+    records = sorted(records, key=lambda r: r["seed"])
+    tps = [r["tokens_per_s"] for r in records if r["tokens_per_s"] is not None]
+    return Result(name, [r["final"] for r in records], [[tuple(c) for c in r["curve"]] for r in records],
+                  records[0]["params"], records[0]["expert_params"], max(r["peak_mib"] for r in records),
+                  statistics.median(tps) if tps else math.nan, [r["seed"] for r in records],
+                  [r["wall_s"] for r in records], [r["max_load"] for r in records],
+                  [machine_label(r.get("machine"), r.get("dtype")) for r in records])
+
+
+def load_result(name: str, dirs: list[Path]) -> Result:
+    return result_of(name, [run_record(name, d) for d in dirs])
+
+
+def machine_label(machine: dict | None, dtype: str | None) -> str:
+    """`AMD EPYC (avx2, 2 cores), fp32`: what decides whether two runs' losses compare exactly."""
+    if not machine:
+        hw = "machine not recorded"
+    elif machine.get("gpu"):
+        hw = machine["gpu"]
+    else:
+        hw = f"{machine.get('cpu')} ({machine.get('cpu_isa')}, {machine.get('cores')} cores)"
+    return f"{hw}, {dtype or 'dtype not recorded'}"
+
+
+def update_records(path: Path, new: list[dict]) -> list[dict]:
+    """The records kept at `path` (JSON lines), with `new` replacing those of the same config and seed;
+    written back atomically. Returns them all."""
+    kept = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                kept[(r["config"], r["seed"])] = r
+    kept.update({(r["config"], r["seed"]): r for r in new})
+    records = [kept[k] for k in sorted(kept)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def results_of(records: list[dict]) -> list[Result]:
+    by_config: dict[str, list[dict]] = {}
+    for r in records:
+        by_config.setdefault(r["config"], []).append(r)
+    return [result_of(name, rs) for name, rs in by_config.items()]
 
 
 @dataclass
@@ -286,6 +346,12 @@ def summarise(results: list[Result], out_md: Path) -> str:
                      f"{r.params / 1e6:.2f} M ({r.expert_params / 1e6:.2f} M) | {r.peak_mib:.0f} | "
                      f"{r.tokens_per_s:,.0f} | {walls} |")
     by_name = {r.name: r for r in results}
+    per_machine: dict[str, int] = {}
+    for r in results:
+        for m in r.machines or ["machine not recorded"]:
+            per_machine[m] = per_machine.get(m, 0) + 1
+    lines += ["", "Trained on: " + "; ".join(f"{m}: {n} runs" for m, n in sorted(per_machine.items())) +
+              " (compare losses only between runs on the same hardware and dtype)."]
     lines += ["", f"Expert balance at the end (the busiest expert's load over the mean, worst layer and iteration, "
               f"mean of the last {BALANCE_WINDOW} logging steps; 1 = perfect):", "",
               "| config | worst max/mean load, mean over seeds | per seed |", "|---|---|---|"]
@@ -322,11 +388,16 @@ def plot_curves(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not any(len(c) > 1 for r in results for c in r.curves):
+        return  # only records kept without their curves: the plot there is stays
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in sorted(results, key=lambda r: r.name):
-        steps = [s for s, _ in r.curves[0]]
-        per_step = list(zip(*[[v for _, v in c] for c in r.curves], strict=True))
-        line, = ax.plot(steps, [statistics.mean(v) for v in per_step], label=r.name)
+        steps = [s for s, _ in max(r.curves, key=len)]
+        curves = [c for c in r.curves if [s for s, _ in c] == steps]  # records kept without a curve: left out
+        if len(steps) < 2:
+            continue
+        per_step = list(zip(*[[v for _, v in c] for c in curves], strict=True))
+        line, = ax.plot(steps, [statistics.mean(v) for v in per_step], label=f"{r.name} ({len(curves)} seeds)")
         ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=line.get_color(),
                         alpha=0.2)
     ax.set_xlabel("step")
@@ -364,12 +435,14 @@ def main() -> int:
     p.add_argument("--summarise", metavar="DIR", help="only tabulate the runs in DIR (e.g. runs/paper-repro from "
                    "slurm/repro.sh): <config>-seed<S>/ directories")
     args = p.parse_args()
+    records_at = Path(args.out).parent / "repro" / RECORDS
     if args.summarise:
         runs = runs_in(Path(args.summarise))
-        if not runs:
-            print(f"repro: no <config>-seed<S>/metrics.jsonl under {args.summarise}")
+        records = update_records(records_at, [run_record(n, d) for n, ds in runs.items() for d in ds])
+        if not records:
+            print(f"repro: no <config>-seed<S>/metrics.jsonl under {args.summarise} and no records in {records_at}")
             return 1
-        print(summarise([load_result(n, d) for n, d in runs.items()], Path(args.out)))
+        print(summarise(results_of(records), Path(args.out)))
         return 0
     tokenizer = SHARED / "tokenizers" / "gpt-neox-20b.tokenizer.json"
     if not tokenizer.is_file():
@@ -397,7 +470,8 @@ def main() -> int:
             if name in CONTINUATIONS:
                 init = continuation_start(name, seed, args.steps, lambda n, d: run(n, d, args.steps))
             run(name, run_dir, steps, init)
-    print(summarise([load_result(n, d) for n, d in run_dirs.items()], Path(args.out)))
+    records = update_records(records_at, [run_record(n, d) for n, ds in run_dirs.items() for d in ds])
+    print(summarise(results_of(records), Path(args.out)))
     return 0
 
 

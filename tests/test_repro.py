@@ -8,11 +8,13 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from coe_dist.config import load_config
 
@@ -150,6 +152,53 @@ def test_worst_load_averages_the_last_logging_steps_then_takes_the_worst():
     # last 5 logging steps: layer0/iter0 mean 3.0, layer1/iter1 mean 2.4 -> 3.0 (step 1 left out)
     assert repro.worst_load(recs) == pytest.approx(3.0)
     assert repro.worst_load([{"step": 1, "lm_loss": 2.0}]) is None
+
+
+def test_records_outlive_the_run_directories(tmp_path, monkeypatch):
+    """--summarise keeps one record per run next to the table: a seed whose directory is gone still counts, a
+    rerun of the same config and seed replaces its record, and a record kept without a curve is tabulated but
+    not plotted."""
+    runs, out = tmp_path / "runs", tmp_path / "docs" / "repro.md"
+    fake_run(runs, "coe-2-4of64", 1, [(10, 3.0), (20, 2.00)])
+    fake_run(runs, "coe-2-4of64", 2, [(10, 3.2), (20, 2.10)])
+    (runs / "coe-2-4of64-seed2" / "config.yaml").write_text("train:\n  dtype: fp32\n")
+    machine = {"cpu": "AMD EPYC", "cpu_isa": "avx2", "cores": 2, "gpu": None}
+    info = json.loads((runs / "coe-2-4of64-seed2" / "run_info.json").read_text())
+    (runs / "coe-2-4of64-seed2" / "run_info.json").write_text(json.dumps({**info, "machine": machine}))
+    monkeypatch.setattr(sys, "argv", ["repro.py", "--summarise", str(runs), "--out", str(out)])
+    assert repro.main() == 0
+    records_at = tmp_path / "docs" / "repro" / "runs.jsonl"
+    kept = [json.loads(line) for line in records_at.read_text().splitlines()]
+    assert [(r["config"], r["seed"], r["final"]) for r in kept] == [("coe-2-4of64", 1, 2.0), ("coe-2-4of64", 2, 2.1)]
+    assert kept[1]["curve"] == [[10, 3.2], [20, 2.1]] and kept[1]["dtype"] == "fp32"
+
+    # seed 1's directory is gone; seed 2 reran (2.30 now); seed 3 survives only as a record without a curve
+    for d in runs.iterdir():
+        shutil.rmtree(d)
+    fake_run(runs, "coe-2-4of64", 2, [(10, 3.2), (20, 2.30)])
+    with records_at.open("a") as f:
+        f.write(json.dumps({**kept[0], "seed": 3, "final": 2.5, "curve": [[20, 2.5]], "wall_s": 7.0}) + "\n")
+    assert repro.main() == 0
+    text = out.read_text()
+    # 2.00, 2.30, 2.50: mean 2.2667, stdev 0.25166 / sqrt 3 = 0.1453
+    assert "| coe-2-4of64 | 2.2667 ± 0.1453 (3) | 2.0000, 2.3000, 2.5000 |" in text
+    assert "Trained on: machine not recorded, dtype not recorded: 3 runs" in text
+    assert "AMD EPYC" not in text  # the rerun of seed 2 replaced the record that named the machine
+    assert (tmp_path / "docs" / "repro" / "valid_loss.png").stat().st_size > 1000
+
+
+def test_machine_label():
+    epyc = {"cpu": "AMD EPYC", "cpu_isa": "avx2", "cores": 2, "gpu": None}
+    assert repro.machine_label(epyc, "fp32") == "AMD EPYC (avx2, 2 cores), fp32"
+    assert repro.machine_label({**epyc, "gpu": "NVIDIA H200"}, "bf16") == "NVIDIA H200, bf16"
+    assert repro.machine_label(None, None) == "machine not recorded, dtype not recorded"
+    # what run_info.json records of this machine, against lscpu's reading of it
+    from coe_dist.train.run_info import CPU_ISAS, machine
+
+    here = machine()
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.split("Flags:")[1].split()
+    assert here["cpu_isa"] == next((i for i in CPU_ISAS if i in flags), None)
+    assert here["cores"] == os.cpu_count() and (here["gpu"] is None) == (not torch.cuda.is_available())
 
 
 def test_verdict_reversed_and_unequal():
