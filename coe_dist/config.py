@@ -141,7 +141,7 @@ class LogConfig:
     keep_last: int = 2
     tensorboard: bool = True
     sample_log: bool = False  # each rank appends the dataset indices it consumed to <run_dir>/samples/
-    collapse_share: float = 0.5  # warn when one expert gets more than this share of a (layer, iteration)'s tokens
+    collapse_share: float = 0.5  # warn when one expert's token share goes this far from an even split to all of them
     collapse_steps: int = 5  # ... on this many logging steps in a row
     # co-selection counts for `coe-dist placement plan` (one all-reduce of L x (2C-1) x N^2 counts per logging step)
     coselection: bool = True
@@ -474,7 +474,7 @@ def validate(cfg: RunConfig) -> None:
            "turn log.coselection on, or moe.replace_interval=0")
     _check(bool(lg.run_dir), "log.run_dir is empty: give a directory for logs and checkpoints")
     _check(0 < lg.collapse_share <= 1,
-           f"log.collapse_share={lg.collapse_share}: must be in (0, 1] (a share of tokens; 1 = never warn)")
+           f"log.collapse_share={lg.collapse_share}: must be in (0, 1] (0 = an even split, 1 = all tokens: never warn)")
     _check(lg.collapse_steps >= 1, f"log.collapse_steps={lg.collapse_steps}: must be >= 1 (logging steps in a row)")
     for section, key in PATH_KEYS:
         _check_not_under_a_file(f"{section}.{key}", getattr(getattr(cfg, section), key))

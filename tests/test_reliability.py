@@ -303,6 +303,15 @@ def test_collapse_watch_counts_runs():
     watch.update(5, {tag: balanced})
     watch.update(6, {tag: collapsed})
     assert len(watch.update(7, {tag: collapsed})[1]) == 1  # a new run warns again
+    # The threshold runs from the even split (2 of 4: 50% of tokens) to all tokens: 0.5 of the way is 75%.
+    # 70% of the tokens is below it however long it lasts, though above log.collapse_share as a raw share.
+    watch = guards.CollapseWatch(share=0.5, steps=1, top_k=2)
+    assert all(watch.update(s, {tag: torch.tensor([14.0, 10, 8, 8])})[1] == [] for s in range(5))
+    assert len(watch.update(6, {tag: torch.tensor([16.0, 10, 8, 6])})[1]) == 1  # 80%
+    # A dense control (top_k = num_experts): every expert takes every token, which is no collapse.
+    dense = guards.CollapseWatch(share=0.5, steps=1, top_k=4)
+    scalars, warnings = dense.update(1, {tag: torch.tensor([10.0, 10, 10, 10])})
+    assert scalars["moe/layer3/iter1/max_token_share"] == 1.0 and warnings == []
 
 
 def test_nonfinite_guard_policies():

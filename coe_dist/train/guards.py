@@ -3,8 +3,9 @@ stop answering.
 
     NonFiniteGuard   train.nan_policy: `stop` or `skip` a step whose loss or gradient norm is not finite;
                      with skip, stop after train.max_consecutive_nan skipped steps in a row
-    CollapseWatch    warns when one expert takes more than log.collapse_share of a (layer, iteration)'s
-                     tokens on log.collapse_steps logging steps in a row
+    CollapseWatch    warns when one expert's share of a (layer, iteration)'s tokens goes more than
+                     log.collapse_share of the way from an even split to all of them, on log.collapse_steps
+                     logging steps in a row
     Heartbeat        each rank writes the step it is starting into the rendezvous store; when a collective
                      fails, the survivors read them to name the rank that stopped answering
     collective_failure   turns a timed-out or broken collective into a one-line CollectiveError naming the
@@ -62,10 +63,14 @@ _LOAD_TAG = re.compile(r"^moe/layer(\d+)/iter(\d+)/expert_load$")
 
 
 class CollapseWatch:
-    """Consecutive logging steps on which one expert took more than `share` of the tokens, per (layer, iteration).
+    """Consecutive logging steps on which one expert's share of the tokens went more than `share` of the way from
+    an even split to all of them, per (layer, iteration).
 
     Loads are token copies (top_k per token, distinct experts), so expert e's share of the tokens is
     load[e] * top_k / sum(load): 1.0 means every token went to e, top_k / num_experts is a perfect balance.
+    The threshold is measured from that balance, not from 0: with top_k = num_experts (a dense control) every
+    expert takes every token and nothing can collapse, and with top_k / num_experts near `share` a raw share
+    would warn at a near-perfect balance.
     """
 
     def __init__(self, share: float, steps: int, top_k: int) -> None:
@@ -85,16 +90,18 @@ class CollapseWatch:
             top = int(counts.argmax())
             share = float(counts[top]) * self.top_k / total
             scalars[f"moe/layer{layer}/iter{it}/max_token_share"] = share
+            even = self.top_k / len(counts)
             run = self.runs.setdefault((layer, it), [])
-            if share <= self.share:
+            if share <= even + self.share * (1 - even):
                 run.clear()
                 continue
             run.append(step)
             if len(run) == self.steps:  # once per run of collapsed steps
                 warnings.append(
                     f"coe-dist: warning: router collapse in layer {layer} iteration {it}: expert {top} took "
-                    f"{share:.0%} of the tokens (more than log.collapse_share={self.share:g}) on {len(run)} "
-                    f"logging steps in a row (steps {run[0]}..{step}); raise moe.aux_loss_coef or lower optim.lr")
+                    f"{share:.0%} of the tokens (an even split is {even:.0%}; log.collapse_share={self.share:g}) "
+                    f"on {len(run)} logging steps in a row (steps {run[0]}..{step}); raise moe.aux_loss_coef or "
+                    "lower optim.lr")
         return scalars, warnings
 
 
