@@ -154,6 +154,8 @@ CASES = [
      ["data cache", "data.cache_dir=", "No space left on device"], "cache"),
     ("disk-full-stopped-json", ["--set", "log.run_dir={tmp}/mnt-stop"], 1,
      ["stopped at step 2", "step_1", "not recorded in", "stopped.json", "No space left on device"], "stopped"),
+    ("disk-full-coselection", ["--set", "log.run_dir={tmp}/mnt-cosel"], 1,
+     ["could not write", "coselection.safetensors", "No space left on device"], "cosel"),
     ("disk-full-config-yaml", ["--set", "log.run_dir={tmp}/mnt-1page"], 1,
      ["could not write", "config.yaml", "No space left on device"], "nothing"),
     ("disk-full-lock", ["--set", "log.run_dir={tmp}/mnt-full/run"], 1,
@@ -175,7 +177,7 @@ COMMANDS = [
 ]
 
 MOUNTS = {  # name -> tmpfs size (None: sized in the worker from the good run's checkpoints)
-    "mnt-ckpt": None, "mnt-first": "96k", "mnt-full": "4k", "mnt-stop": "12k", "mnt-1page": "4k",
+    "mnt-ckpt": None, "mnt-first": "96k", "mnt-full": "4k", "mnt-stop": "12k", "mnt-cosel": "12k", "mnt-1page": "4k",
     "mnt-metrics": "4k", "mnt-tb": "4k"}
 
 WORKER = r'''
@@ -230,6 +232,10 @@ if plan["mounted"]:
     (tmp / "mnt-stop" / "checkpoints").symlink_to(tmp / "stop-elsewhere" / "checkpoints")
     (tmp / "mnt-stop" / "metrics.jsonl").symlink_to(tmp / "stop-elsewhere" / "metrics.jsonl")
     (tmp / "mnt-stop" / "coselection.safetensors").symlink_to(tmp / "stop-elsewhere" / "coselection.safetensors")
+    # the routing statistics are the one file of this run on the full disk (written after each checkpoint)
+    (tmp / "cosel-elsewhere" / "checkpoints").mkdir(parents=True)
+    (tmp / "mnt-cosel" / "checkpoints").symlink_to(tmp / "cosel-elsewhere" / "checkpoints")
+    (tmp / "mnt-cosel" / "metrics.jsonl").symlink_to(tmp / "cosel-elsewhere" / "metrics.jsonl")
 shutil.copytree(tmp / "good", tmp / "overwrite")
 run("overwrite", ["--overwrite", "--set", "train.steps=1"])
 for name, argv, env, command in plan["cases"]:
@@ -363,7 +369,7 @@ def _one_line(rec: dict, code: int, words: list[str], tmp: Path) -> str:
 
 def _nothing_valid(tmp: Path, rec: dict) -> None:
     left = [f for f in rec["files"] if "step_" in f or f.endswith(("latest", "metrics.jsonl", "stopped.json"))
-            and not f.startswith(("disk-full-metrics", "mnt-stop"))]
+            and not f.startswith(("disk-full-metrics", "mnt-stop", "mnt-cosel"))]
     assert not left, left
 
 
@@ -385,12 +391,20 @@ def _check_stopped(tmp: Path, out: dict) -> None:
     assert not [p.name for p in (tmp / "mnt-stop").iterdir() if "stopped" in p.name]
 
 
+def _check_coselection(tmp: Path, out: dict) -> None:
+    """The checkpoint saved before the statistics verifies; no statistics file, complete or partial, is left."""
+    from coe_dist.train import checkpoint
+
+    assert checkpoint.verify(tmp / "cosel-elsewhere" / "checkpoints" / "step_1")["step"] == 1
+    assert not [p.name for p in (tmp / "mnt-cosel").iterdir() if "coselection" in p.name]
+
+
 def _check_cache(tmp: Path, out: dict) -> None:
     assert not [p for p in (tmp / "mnt-full" / "cache").rglob("*") if p.suffix in (".bin", ".idx", ".npy")]
 
 
 DISK_CHECKS = {
-    "ckpt": _check_ckpt, "stopped": _check_stopped, "cache": _check_cache,
+    "ckpt": _check_ckpt, "stopped": _check_stopped, "cosel": _check_coselection, "cache": _check_cache,
     "no-blank": lambda tmp, out: not list(tmp.glob("blank.*[bx]")) or pytest.fail("blank.bin/.idx written"),
     "no-docs": lambda tmp, out: not list((tmp / "mnt-full").glob("docs*")) or pytest.fail("partial docs left"),
     "no-tmp": lambda tmp, out: not list(tmp.glob("disk-full-tensorboard/**/.tmp-*")) or pytest.fail(".tmp-* left"),
