@@ -23,7 +23,7 @@ import torch.distributed as dist
 try:
     from benchmarks.common import mean_over_ranks, start_gloo_ranks, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import mean_over_ranks, start_gloo_ranks, write_json
+    from common import markdown_table, mean_over_ranks, start_gloo_ranks, write_json
 
 from coe_dist.bench.model import Workload
 from coe_dist.config import MoEConfig
@@ -87,13 +87,13 @@ def main() -> None:
                 rows.append({"model": model, "ep": P, "mode": mode, **mean_over_ranks(mine, world)})
     if rank == 0:
         base = {(r["model"], r["ep"]): r["bytes_per_token_step"] for r in rows if r["mode"] == "copies"}
-        print("| model | ep | mode | rows/token/iteration to other ranks (model) | KiB/token/step sent "
-              "(model) | vs copies |\n|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['model']} | {r['ep']} | {r['mode']} | {r['rows_per_token_iteration']:.3f} "
-                  f"({r['model_rows_per_token_iteration']:.3f}) | {r['bytes_per_token_step'] / 1024:.2f} "
-                  f"({r['model_bytes_per_token_step'] / 1024:.2f}) | "
-                  f"{r['bytes_per_token_step'] / base[(r['model'], r['ep'])]:.3f} |")
+        print(markdown_table(
+            ["model", "ep", "mode", "rows/token/iteration to other ranks (model)", "KiB/token/step sent (model)",
+             "vs copies"],
+            [[r["model"], str(r["ep"]), r["mode"],
+              f"{r['rows_per_token_iteration']:.3f} ({r['model_rows_per_token_iteration']:.3f})",
+              f"{r['bytes_per_token_step'] / 1024:.2f} ({r['model_bytes_per_token_step'] / 1024:.2f})",
+              f"{r['bytes_per_token_step'] / base[(r['model'], r['ep'])]:.3f}"] for r in rows]))
         write_json(args.out, {"args": vars(args), "world": world, "rows": rows})
     dist.destroy_process_group()
 

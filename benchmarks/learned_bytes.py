@@ -31,7 +31,7 @@ import torch.distributed as dist
 try:
     from benchmarks.common import mean_over_ranks, start_gloo_ranks, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import mean_over_ranks, start_gloo_ranks, write_json
+    from common import markdown_table, mean_over_ranks, start_gloo_ranks, write_json
 
 from coe_dist.config import MoEConfig
 from coe_dist.model.coe import CoELayer
@@ -129,13 +129,13 @@ def main() -> None:
                 rows.append({"model": name, "run": run, "ep": P, "mode": mode, **row})
     if rank == 0:
         base = {(r["model"], r["ep"]): r["bytes_per_token_step"] for r in rows if r["mode"] == "copies"}
-        print("| model (learned routing) | ep | mode | rows/token/iteration to other ranks | KiB/token/step/layer | "
-              "vs copies | fwd+bwd s (median) | in all-to-all s |\n|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            ratio = r["bytes_per_token_step"] / base[(r["model"], r["ep"])]
-            print(f"| {r['model']} | {r['ep']} | {r['mode']} | {r['rows_per_token_iteration']:.3f} | "
-                  f"{r['bytes_per_token_step'] / 1024:.2f} | {ratio:.3f} | {r['seconds_median']:.3f} | "
-                  f"{r['a2a_seconds_median']:.3f} |")
+        print(markdown_table(
+            ["model (learned routing)", "ep", "mode", "rows/token/iteration to other ranks", "KiB/token/step/layer",
+             "vs copies", "fwd+bwd s (median)", "in all-to-all s"],
+            [[r["model"], str(r["ep"]), r["mode"], f"{r['rows_per_token_iteration']:.3f}",
+              f"{r['bytes_per_token_step'] / 1024:.2f}",
+              f"{r['bytes_per_token_step'] / base[(r['model'], r['ep'])]:.3f}",
+              f"{r['seconds_median']:.3f}", f"{r['a2a_seconds_median']:.3f}"] for r in rows]))
         write_json(args.out, {"args": vars(args), "world": world, "rows": rows})
     dist.destroy_process_group()
 
