@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 try:
-    from benchmarks.common import mean_over_ranks, start_gloo_ranks, write_json
+    from benchmarks.common import markdown_table, mean_over_ranks, start_gloo_ranks, write_json
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from common import markdown_table, mean_over_ranks, start_gloo_ranks, write_json
 

@@ -81,6 +81,8 @@ class MoEConfig:
     overlap: bool = True  # ep_size > 1 only: shared experts (and other chunks) run while all-to-alls are in flight
     a2a_chunks: int = 1  # ep_size > 1 only: pipeline each iteration's tokens through this many all-to-all chunks
     dispatch: str = "copies"  # ep_size > 1 only: copies (a row per token copy) | dedup (a row per token and rank)
+    #                           | node_dedup (a row per token and node over the network, then per rank in the node)
+    ranks_per_node: int = 0  # node_dedup only: ranks of the group per node (0 = the launcher's LOCAL_WORLD_SIZE)
     dispatch_dtype: str = "bf16"  # ep_size > 1 only: bf16 (rows in the compute dtype) | fp8 (e4m3 + a scale per row)
     placement: str | None = None  # `coe-dist placement plan` output: which rank holds which expert (null: in order)
     replace_interval: int = 0  # > 0: re-place experts by co-selection at checkpoint saves every this many steps
@@ -375,7 +377,9 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
     _check(moe.expert_bias_rate >= 0,
            f"moe.expert_bias_rate={moe.expert_bias_rate}: must be >= 0 (0 = no aux-loss-free balancing)")
     _validate_routing_groups(moe)
-    _choice("moe", moe, "dispatch", ("copies", "dedup"))
+    _choice("moe", moe, "dispatch", ("copies", "dedup", "node_dedup"))
+    _check(moe.ranks_per_node >= 0,
+           f"moe.ranks_per_node={moe.ranks_per_node}: must be >= 0 (0 = the launcher's ranks per node)")
     _choice("moe", moe, "dispatch_dtype", ("bf16", "fp8"))
     _check(moe.aux_loss_coef >= 0, f"moe.aux_loss_coef={moe.aux_loss_coef}: must be >= 0")
     _check(moe.z_loss_coef >= 0, f"moe.z_loss_coef={moe.z_loss_coef}: must be >= 0")

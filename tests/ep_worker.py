@@ -56,7 +56,7 @@ def main(spec_path: str, out_dir: str) -> None:
         if case["ep"] > 1:
             from coe_dist.parallel.groups import expert_data_parallel_group
 
-            res["ep_group"] = dist.get_process_group_ranks(layer.dispatcher.group)
+            res["ep_group"] = dist.get_process_group_ranks(layer.dispatcher.ep_group)
             res["edp_group"] = dist.get_process_group_ranks(expert_data_parallel_group(case["ep"]))
         results[case["name"]] = res
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

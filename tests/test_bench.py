@@ -342,6 +342,31 @@ def test_distinct_ranks_per_token_matches_enumeration():
     assert cm.distinct_ranks_per_token(64, 8, 8) == pytest.approx(5.4326, abs=1e-4)
 
 
+def test_node_dedup_rows_match_enumeration():
+    """node_dedup's rows per token against counting every K-subset of N experts: hop 1 the other nodes holding
+    one of them (the home rank is rank 0 of node 0), hop 2 per relay the rows it forwards to the other ranks
+    of its node, averaged over the relays (by symmetry every relay forwards the same on average)."""
+    for N, K, P, G in ((8, 3, 4, 2), (12, 4, 6, 3), (8, 2, 8, 4), (16, 5, 8, 2)):
+        E, n = N // P, P // G
+        subsets = list(itertools.combinations(range(N), K))
+        inter = sum(len({e // (G * E) for e in s} - {0}) for s in subsets) / len(subsets)
+        # relay (m, 0) gets, from each of the n senders, the tokens with an expert on node m, and forwards each to
+        # the ranks (m, g > 0) holding one: summed over nodes m and divided by the n relays of local rank 0
+        intra = n * sum(len({e // E for e in s if e // E % G != 0}) for s in subsets) / len(subsets) / n
+        w = cm.Workload(iterations=1, top_k=K, num_experts=N, hidden=1, expert_hidden=1, tokens=1, ep_size=P,
+                        dispatch="node_dedup", node_ranks=G, wire_bytes=1)
+        got_inter, got_intra, nodes, ranks = w.node_dedup_bytes("combine", "fwd")
+        assert (nodes, ranks) == (n, G)
+        assert got_inter == pytest.approx(inter, rel=1e-12), (N, K, P, G)
+        assert got_intra == pytest.approx(intra, rel=1e-12), (N, K, P, G)
+    # one node: node_dedup is dedup (hop 1 stays on the rank)
+    base = dict(iterations=2, top_k=4, num_experts=64, hidden=1024, expert_hidden=704, tokens=4096, ep_size=8)
+    one_node = cm.Workload(**base, dispatch="node_dedup", node_ranks=8)
+    assert one_node.a2a_bytes("dispatch", "fwd") == pytest.approx(cm.Workload(**base, dispatch="dedup").a2a_bytes(
+        "dispatch", "fwd"))
+    assert one_node.node_dedup_bytes("dispatch", "fwd")[0] == 0
+
+
 def test_dedup_and_fp8_bytes_in_the_model():
     prof = toy_profile()
     base = dict(iterations=2, top_k=4, num_experts=64, hidden=1024, expert_hidden=704, tokens=4096, ep_size=8)

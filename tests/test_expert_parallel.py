@@ -13,6 +13,9 @@ on sequences [r*B/W, (r+1)*B/W). Comparisons:
   EP group, times hidden * 4, with the routing recomputed here from the router inputs and weights;
   `moe.dispatch: dedup`: the distinct (token, other rank) pairs among the kept copies instead, each row
   carrying min(K, N/P) slots of (gate, local expert id) as float (dispatch only), and one row back;
+  `moe.dispatch: node_dedup` (nodes of `ranks_per_node` ranks): the distinct (token, other node) pairs as
+  dispatch/combine, and the relays' distinct (received row, other rank of the node) pairs as
+  intra_dispatch/intra_combine, each with its own slot count;
 - capacity: applied per rank on its own tokens, so the reference runs each rank's slice on its own;
 - routing options (gate rules, sigmoid, expert bias, routing groups): every router call on every rank
   against the independent router of tests/routing_reference.py on that call's input; with
@@ -74,7 +77,15 @@ class Case:
 
     @property
     def dedup(self) -> bool:
-        return self.extra.get("dispatch") == "dedup"
+        return self.extra.get("dispatch") in ("dedup", "node_dedup")
+
+    @property
+    def node(self) -> int:
+        """Ranks of the EP group per node with node_dedup (0: not node_dedup)."""
+        if self.extra.get("dispatch") != "node_dedup":
+            return 0
+        per_node = self.extra["ranks_per_node"]
+        return self.ep if per_node % self.ep == 0 else per_node
 
     @property
     def fp8(self) -> bool:
@@ -83,7 +94,7 @@ class Case:
     @property
     def base(self) -> str:
         """The name without the dispatch-mode suffix: edge and capacity cases run in both modes."""
-        return self.name.removesuffix("_dedup")
+        return self.name.removesuffix("_node").removesuffix("_dedup")
 
     @property
     def rtol(self) -> float:
@@ -162,22 +173,43 @@ def _cases() -> list[Case]:
     # moe.dispatch: dedup through every edge and capacity scenario
     cases += [dataclasses.replace(c, name=f"{c.name}_dedup", extra=c.extra | {"dispatch": "dedup"})
               for c in cases if c.kind in ("edge", "capacity")]
+    # moe.dispatch: node_dedup through the world-4 edge and capacity scenarios: ep 4 as 2 nodes of 2 ranks,
+    # ep 2 x dp 2 as nodes of 1 rank (each group spans 2 nodes)
+    cases += [dataclasses.replace(c, name=f"{c.name}_node", extra=c.extra | {
+        "dispatch": "node_dedup", "ranks_per_node": 2 if c.ep == 4 else 1})
+        for c in cases if c.kind in ("edge", "capacity") and c.world == 4 and not c.dedup]
     # float64 everywhere, both dispatch modes, at ep 2, ep 4 and ep 2 x dp 2
     for world, ep in ((2, 2), (4, 4), (4, 2)):
         for dispatch in ("copies", "dedup"):
             for C, K in ((2, 4), (3, 2), (2, N)):
                 cases.append(Case(f"f64_w{world}_ep{ep}_C{C}_K{K}_{dispatch}", world, ep, C, K, "equiv",
                                   dict(dispatch=dispatch), dtype=torch.float64))
+    # node_dedup in float64: 2 nodes x 2 ranks, 4 nodes x 1 (no forwarding), 1 node x 4 (nothing crosses
+    # nodes), and ep 2 x dp 2 with nodes of 1 rank
+    for world, ep, per_node, shapes in ((4, 4, 2, ((2, 4), (3, 2), (2, N))), (4, 4, 1, ((2, 4),)),
+                                        (4, 4, 4, ((2, 4),)), (4, 2, 1, ((3, 2),))):
+        for C, K in shapes:
+            cases.append(Case(f"f64_w{world}_ep{ep}_C{C}_K{K}_node{per_node}", world, ep, C, K, "equiv",
+                              dict(dispatch="node_dedup", ranks_per_node=per_node), dtype=torch.float64))
+    cases.append(Case("w4_ep4_node2_chunks3_no_overlap", 4, 4, 2, 3, "equiv",
+                      dict(dispatch="node_dedup", ranks_per_node=2, a2a_chunks=3, overlap=False)))
+    cases.append(Case("w4_ep4_node2_recompute", 4, 4, 2, 2, "equiv",
+                      dict(dispatch="node_dedup", ranks_per_node=2, recompute=True)))
     # Hand-counted dedup rows (see test_dedup_bytes_hand_counted).
     cases += [
         Case("bytes_w2_ep2_K4_dedup", 2, 2, 2, 4, "bytes", dict(dispatch="dedup"),
              forced=by_rank(pick([0, 1, 4, 5], 4), pick([4, 5, 6, 7], 4))),
         Case("bytes_w4_ep4_K4_dedup", 4, 4, 2, 4, "bytes", dict(dispatch="dedup"),
              forced=lambda r, t, n, g: pick([0, 1, 2, 4], 4)(n, g)),
+        Case("bytes_w4_ep4_K4_node", 4, 4, 2, 4, "bytes", dict(dispatch="node_dedup", ranks_per_node=2),
+             forced=lambda r, t, n, g: pick([0, 1, 2, 4], 4)(n, g)),
     ]
     # float8 dispatch rows; forced routing: quantization must not flip the second iteration's routing
     cases += [Case(f"fp8_w2_ep2_{dispatch}", 2, 2, 2, 2, "fp8", dict(dispatch=dispatch, dispatch_dtype="fp8"),
                    forced=lambda r, t, n, g: pick(range(N), 2)(n, g)) for dispatch in ("copies", "dedup")]
+    cases.append(Case("fp8_w4_ep4_node2", 4, 4, 2, 2, "fp8",
+                      dict(dispatch="node_dedup", ranks_per_node=2, dispatch_dtype="fp8"),
+                      forced=lambda r, t, n, g: pick(range(N), 2)(n, g)))
     return cases
 
 
@@ -323,22 +355,30 @@ def _kept_counts(case: Case, ref: dict, t: int) -> tuple[list[torch.Tensor], lis
     return kept, dropped
 
 
+def _kept(case: Case, ref: dict, t: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank's experts at iteration t, [T_l, K], and which copies capacity keeps (each expert's first copies
+    in (token, slot) order)."""
+    T_l = T // case.world
+    experts_TK = ref["experts"][t][rank * T_l:(rank + 1) * T_l]
+    kept_TK = torch.ones_like(experts_TK, dtype=torch.bool)
+    if case.cf is not None:
+        capacity = math.ceil(case.cf * T_l * case.K / N)
+        seen = torch.zeros(N, dtype=torch.long)
+        for tok in range(T_l):
+            for k in range(case.K):
+                e = int(experts_TK[tok, k])
+                kept_TK[tok, k] = bool(seen[e] < capacity)
+                seen[e] += 1
+    return experts_TK, kept_TK
+
+
 def _kept_rows(case: Case, ref: dict, t: int) -> list[torch.Tensor]:
     """Per rank: the rows it sends to each rank of its group at iteration t, [P]: kept copies (copies), or
-    tokens with at least one kept copy there (dedup; capacity keeps each expert's first copies in token order)."""
-    T_l, P, E = T // case.world, case.ep, N // case.ep
+    tokens with at least one kept copy there (dedup)."""
+    P, E = case.ep, N // case.ep
     rows = []
     for rank in range(case.world):
-        experts_TK = ref["experts"][t][rank * T_l:(rank + 1) * T_l]
-        kept_TK = torch.ones_like(experts_TK, dtype=torch.bool)
-        if case.cf is not None:
-            capacity = math.ceil(case.cf * T_l * case.K / N)
-            seen = torch.zeros(N, dtype=torch.long)
-            for tok in range(T_l):  # copies in (token, slot) order: the first `capacity` of each expert stay
-                for k in range(case.K):
-                    e = int(experts_TK[tok, k])
-                    kept_TK[tok, k] = bool(seen[e] < capacity)
-                    seen[e] += 1
+        experts_TK, kept_TK = _kept(case, ref, t, rank)
         dest_TK = experts_TK // E
         if case.dedup:
             rows.append(torch.tensor([int(((dest_TK == p) & kept_TK).any(1).sum()) for p in range(P)]))
@@ -347,8 +387,34 @@ def _kept_rows(case: Case, ref: dict, t: int) -> list[torch.Tensor]:
     return rows
 
 
+def _node_rows(case: Case, ref: dict, t: int) -> list[dict[str, int]]:
+    """node_dedup, per rank at iteration t: rows sent to and received from other nodes (hop 1), and rows a
+    relay forwards to and receives from the other ranks of its node (hop 2). Rank q of a group is (node q // G,
+    local rank q % G); its rows for node m go to relay (m, q % G), which forwards each row to the ranks of node
+    m holding a kept copy of it."""
+    P, E, G = case.ep, N // case.ep, case.node
+    counts = [dict(sent=0, received=0, intra_sent=0, intra_received=0) for _ in range(case.world)]
+    for rank in range(case.world):
+        experts_TK, kept_TK = _kept(case, ref, t, rank)
+        first, q = rank - rank % P, rank % P
+        for tok in range(experts_TK.shape[0]):
+            holders = {int(e) // E for e, kept in zip(experts_TK[tok], kept_TK[tok], strict=True) if kept}
+            for m in {h // G for h in holders}:
+                relay = first + m * G + q % G
+                if relay != rank:
+                    counts[rank]["sent"] += 1
+                    counts[relay]["received"] += 1
+                for h in holders:
+                    if h // G == m and first + h != relay:
+                        counts[relay]["intra_sent"] += 1
+                        counts[first + h]["intra_received"] += 1
+    return counts
+
+
 def _expected_records(case: Case, ref: dict) -> list[dict]:
     """{(iteration, direction): (calls, bytes_sent, bytes_received)} per rank."""
+    if case.node:
+        return _expected_node_records(case, ref)
     P, E = case.ep, N // case.ep
     row_bytes = D * case.dtype.itemsize  # combine, and the gradients in backward
     dispatch_bytes = D + 4 if case.fp8 else row_bytes  # fp8: e4m3 values + a float32 scale
@@ -366,6 +432,31 @@ def _expected_records(case: Case, ref: dict) -> list[dict]:
                 (t, "dispatch_bwd"): (1, recv * (row_bytes + slot_bytes), sent * (row_bytes + slot_bytes)),
                 (t, "combine_bwd"): (1, sent * row_bytes, recv * row_bytes)})
     return expected
+
+
+def _expected_node_records(case: Case, ref: dict) -> list[dict]:
+    E, G, size = N // case.ep, case.node, case.dtype.itemsize
+    row_bytes = D * size
+    dispatch_bytes = D + 4 if case.fp8 else row_bytes  # fp8 on hop 1 only: a relay forwards the arrived rows
+    slots = min(case.K, G * E)  # hop 1: a row's copies on one node
+    intra_slots = min(slots, E)  # hop 2: a row's copies on one rank
+    hops = (("", dispatch_bytes, 2 * slots * size, "sent", "received"),
+            ("intra_", row_bytes, 2 * intra_slots * size, "intra_sent", "intra_received"))
+    expected = [{} for _ in range(case.world)]
+    for t in range(case.C):
+        for rank, n in enumerate(_node_rows(case, ref, t)):
+            for prefix, fwd_row, slot_bytes, out, into in hops:
+                sent, received = n[out], n[into]
+                expected[rank].update({
+                    (t, f"{prefix}dispatch_fwd"): (1, sent * (fwd_row + slot_bytes), received * (fwd_row + slot_bytes)),
+                    (t, f"{prefix}combine_fwd"): (1, received * row_bytes, sent * row_bytes),
+                    (t, f"{prefix}dispatch_bwd"): (1, received * (row_bytes + slot_bytes),
+                                                   sent * (row_bytes + slot_bytes)),
+                    (t, f"{prefix}combine_bwd"): (1, sent * row_bytes, received * row_bytes)})
+    chunks = case.extra.get("a2a_chunks", 1)  # a call per chunk (hop 2 runs inside each); the same bytes in all
+    again = 2 if case.extra.get("recompute") else 1  # recompute runs the forward exchanges again in backward
+    return [{key: (chunks * n, sent * n, received * n) for key, (_, sent, received) in records.items()
+             for n in [again if key[1].endswith("_fwd") else 1]} for records in expected]
 
 
 # ---------------------------------------------------------------- tests
@@ -392,7 +483,8 @@ def test_edge_routing_completes_and_matches(request, case):
     res = _result(request, case)
     ranks, iters = res["ranks"], range(case.C)
     for rank in IDLE_RANKS.get(case.base, []):  # received no rows: no traffic in, no expert grads
-        assert all(ranks[rank]["records"][(t, "dispatch_fwd")][2] == 0 for t in iters), rank
+        into = "intra_dispatch_fwd" if case.node > 1 else "dispatch_fwd"  # a relay still receives for others
+        assert all(ranks[rank]["records"][(t, into)][2] == 0 for t in iters), rank
         assert not any(g.any() for k, g in ranks[rank]["grads"].items() if k.startswith("experts.")), rank
     for i in UNUSED_EXPERTS.get(case.base, []):
         assert not any(g.any() for r in ranks for k, g in r["grads"].items() if k.startswith(f"experts.{i}.")), i
@@ -439,6 +531,27 @@ def test_dedup_bytes_hand_counted(world2, world4):
             assert ranks[rank]["records"][(t, "combine_fwd")] == (1, 8 * received * row, 8 * sent * row), rank
     for res in (world2["bytes_w2_ep2_K4_dedup"], world4["bytes_w4_ep4_K4_dedup"]):
         _check_matches_reference(res)
+
+
+def test_node_dedup_bytes_hand_counted(world4):
+    """ep 4 as 2 nodes of 2 ranks (node 0: ranks 0, 1 with experts 0-3; node 1: ranks 2, 3 with 4-7), every
+    token picks {0, 1, 2, 4}: ranks {0, 1, 2}, nodes {0, 1}. Over the network each rank sends one row per token
+    to the other node (8 tokens a rank), to its relay there (same local rank): 0 -> 2, 1 -> 3, 2 -> 0, 3 -> 1;
+    4 slots (node-local expert, gate). Plain dedup sends 2, 2, 2 and 3 rows per token off-rank instead.
+    Inside node 0, relay 0 holds rows of its own tokens and rank 2's (16), each with expert 2 on rank 1: 16 rows
+    to rank 1; relay 1 likewise 16 rows to rank 0 (experts 0, 1). Inside node 1 only expert 4 (rank 2) is
+    picked: relay 2 keeps its 16 rows, relay 3 forwards its 16 to rank 2. Hop 2 rows carry min(4, E=2) slots."""
+    ranks = world4["bytes_w4_ep4_K4_node"]["ranks"]
+    row, slots, intra_slots = D * 4, 2 * 4 * 4, 2 * 2 * 4
+    for rank, (intra_sent, intra_received) in enumerate([(16, 16), (16, 16), (0, 16), (16, 0)]):
+        for t in range(2):
+            got = ranks[rank]["records"]
+            assert got[(t, "dispatch_fwd")] == (1, 8 * (row + slots), 8 * (row + slots)), rank
+            assert got[(t, "combine_fwd")] == (1, 8 * row, 8 * row), rank
+            assert got[(t, "intra_dispatch_fwd")] == (1, intra_sent * (row + intra_slots),
+                                                      intra_received * (row + intra_slots)), rank
+            assert got[(t, "intra_combine_fwd")] == (1, intra_received * row, intra_sent * row), rank
+    _check_matches_reference(world4["bytes_w4_ep4_K4_node"])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.fp8], ids=lambda c: c.name)

@@ -82,6 +82,27 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
                 p.wait(timeout=30)
 
 
+def _train_on_two_nodes(nodes: list[Node], port: int, rdzv_id: str, nproc: int, args: list[str],
+                        tmp_path: Path) -> list[str]:
+    """One torchrun agent per node (--nnodes 2, `nproc` processes each) training the tiny config with `args`;
+    asserts both exit 0 and returns their logs."""
+    procs, logs = [], []
+    for i, node in enumerate(nodes):
+        cmd = [*node.prefix, "bash", str(TORCHRUN), "configs/tiny.yaml", "--nnodes", "2", "--nproc", str(nproc),
+               "--rdzv-endpoint", f"{nodes[0].addr}:{port}", "--rdzv-id", rdzv_id, "--local-addr", node.addr, *args]
+        logs.append((tmp_path / f"node{i}.log").open("w"))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env={**_env(), "GLOO_SOCKET_IFNAME": node.ifname},
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        codes = _wait_all(procs, TIMEOUT)
+    finally:
+        for f in logs:
+            f.close()
+    full = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n".join(f"--- node {i}\n{text[-3000:]}" for i, text in enumerate(full))
+    return full
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     """One node, two processes: the losses both two-node layouts must reproduce."""
@@ -139,23 +160,29 @@ def test_two_nodes_train_like_one(layout: str, reference: list[float], request: 
     # A namespace is a fresh network stack: any port is free there. On loopback, pick a free one.
     port = 29400 if layout == "netns" else _free_port()
     run_dir = tmp_path / "run"
-    procs, logs = [], []
-    for i, node in enumerate(nodes):
-        env = {**_env(), "GLOO_SOCKET_IFNAME": node.ifname}
-        cmd = [*node.prefix, "bash", str(TORCHRUN), "configs/tiny.yaml", "--nnodes", "2", "--nproc", "1",
-               "--rdzv-endpoint", f"{nodes[0].addr}:{port}", "--rdzv-id", f"mn-{layout}",
-               "--local-addr", node.addr, *SHORT, "--set", f"log.run_dir={run_dir}"]
-        logs.append((tmp_path / f"node{i}.log").open("w"))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-    try:
-        codes = _wait_all(procs, TIMEOUT)
-    finally:
-        for f in logs:
-            f.close()
-    full = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], "\n".join(f"--- node {i}\n{text[-3000:]}" for i, text in enumerate(full))
+    full = _train_on_two_nodes(nodes, port, f"mn-{layout}", 1, [*SHORT, "--set", f"log.run_dir={run_dir}"], tmp_path)
     assert any("launcher=torchrun world=2 ep=2" in text for text in full)  # printed by whichever node has rank 0
     if layout == "netns":
         assert "--rdzv-conf=is_host=true" in full[0]  # node 0 serves the rendezvous on its veth address
     assert _losses(run_dir) == reference
+
+
+def test_node_dedup_crosses_the_link_once_per_node(netns_nodes: list[Node], tmp_path: Path) -> None:
+    """moe.dispatch=node_dedup with ep 4 over two namespaces of 2 ranks each: ranks_per_node comes from
+    torchrun (LOCAL_WORLD_SIZE=2), hop 1 crosses the veth link, hop 2 forwards inside each namespace. The
+    losses equal one node's 4 processes told moe.ranks_per_node=2 (the same groups and sums: the function is
+    proven against one process in float64 by test_expert_parallel), and rank 0 relays rows inside its node."""
+    common = [*SHORT, "--set", "moe.ep_size=4", "--set", "moe.dispatch=node_dedup"]
+    one = tmp_path / "one-node"
+    out = subprocess.run(["bash", str(TORCHRUN), "configs/tiny.yaml", "--nproc", "4", *common, "--set",
+                          "moe.ranks_per_node=2", "--set", f"log.run_dir={one}"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "two-nodes"
+    _train_on_two_nodes(netns_nodes, 29400, "mn-node-dedup", 2, [*common, "--set", f"log.run_dir={run_dir}"],
+                        tmp_path)
+    assert _losses(run_dir) == _losses(one) and len(_losses(one)) == 6
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sent = {hop: sum(v for r in records for k, v in r.items() if k.endswith(f"/{hop}dispatch_fwd/bytes_sent"))
+            for hop in ("", "intra_")}
+    assert sent[""] > 0 and sent["intra_"] > 0, sent

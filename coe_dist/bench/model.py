@@ -16,7 +16,13 @@ Data all-to-all bytes (`Workload.a2a_bytes`): rows x row bytes x (P-1)/P, per to
     moe.dispatch dedup:  k rows each way, k = P * (1 - C(N - N/P, K) / C(N, K)) the expected distinct ranks
                          among a token's K experts under uniform routing (K=4 of N=64 on P=8: 3.38); each
                          dispatch row carries min(K, N/P) slots x 8 bytes (gate, local expert id)
+    moe.dispatch node_dedup: two all-to-alls per call (coe_dist/parallel/node_dedup.py), n nodes of G ranks,
+                         E = N/P experts a rank; with p(x) = 1 - C(N - x, K) / C(N, K) the chance that a given x
+                         experts hold one of the token's K: hop 1 sends (n-1) * p(G*E) rows per token to other
+                         nodes (slots min(K, G*E)), hop 2 forwards n * (G-1) * p(E) rows per token inside the node
+                         (slots min(K, E)); t = a_inter(n-1) + B_1 / bw_inter + a_intra(G-1) + B_2 / bw_intra
     moe.dispatch_dtype fp8: forward dispatch rows of d + 4 bytes (e4m3 + a float32 scale); the rest unchanged
+                         (node_dedup: on hop 1; a relay forwards the rows in the compute dtype)
 
 Count exchange: one all-to-all of E + 1 int64 per peer (the per-expert counts and the sender's total), plus
 the host sync (`host_sync_s`) that turns the split sizes into Python ints.
@@ -252,8 +258,9 @@ class Workload:
     wire_bytes: int = 2
     imbalance: float = 1.0  # max over ranks / mean of the token copies a rank receives
     ranks_per_node: int | None = None  # CPU runs: processes on the node (default: the profile's)
-    dispatch: str = "copies"  # moe.dispatch: copies | dedup
+    dispatch: str = "copies"  # moe.dispatch: copies | dedup | node_dedup
     dispatch_dtype: str = "bf16"  # moe.dispatch_dtype: bf16 (the compute dtype) | fp8
+    node_ranks: int = 8  # node_dedup: ranks per node (the profile's ranks_per_node)
     # dedup: distinct ranks per token as measured (learned routing, experts placed by co-selection:
     # benchmarks/learned_bytes.py); None: uniform routing's expectation
     distinct_ranks: float | None = None
@@ -292,9 +299,37 @@ class Workload:
             return distinct_ranks_per_token(self.num_experts, self.top_k, self.ep_size)
         return float(self.top_k)
 
+    def node_dedup_rows(self) -> tuple[float, float, int, int]:
+        """node_dedup under uniform routing: (rows a token sends to other nodes, rows per token a relay forwards
+        inside its node, nodes n, ranks per node G); see the module doc."""
+        P, N, K, E = self.ep_size, self.num_experts, self.top_k, self.local_experts
+        G = min(self.node_ranks, P)
+        n = math.ceil(P / G)
+
+        def holds(x: int) -> float:  # chance that x given experts hold one of the token's K (ceil'd E: <= N)
+            return 1 - math.comb(N - min(x, N), K) / math.comb(N, K)
+
+        return (n - 1) * holds(G * E), n * (G - 1) * holds(E), n, G
+
+    def node_dedup_bytes(self, phase: str, direction: str) -> tuple[float, float, int, int]:
+        """node_dedup: (bytes to other nodes, bytes forwarded inside the node, nodes n, ranks per node G) of one
+        data call (uniform routing, times the imbalance)."""
+        K, E = self.top_k, self.local_experts
+        inter_rows, intra_rows, n, G = self.node_dedup_rows()
+        row = self.hidden * self.wire_bytes
+        first_row = self.hidden + FP8_SCALE_BYTES if (phase, direction, self.dispatch_dtype) == (
+            "dispatch", "fwd", "fp8") else row
+        slots = (min(K, G * E), min(K, E)) if phase == "dispatch" else (0, 0)
+        inter = self.tokens * inter_rows * (first_row + slots[0] * SLOT_BYTES)
+        intra = self.tokens * intra_rows * (row + slots[1] * SLOT_BYTES)
+        return inter * self.imbalance, intra * self.imbalance, n, G
+
     def a2a_bytes(self, phase: str, direction: str) -> float:
         """Bytes one rank sends to other ranks in one data all-to-all (dispatch | combine, fwd | bwd), the
-        busiest rank under imbalance; dedup's dispatch carries `slot_bytes` more in the same call."""
+        busiest rank under imbalance; dedup's dispatch carries `slot_bytes` more in the same call; node_dedup:
+        both hops' bytes."""
+        if self.dispatch == "node_dedup":
+            return sum(self.node_dedup_bytes(phase, direction)[:2])
         P = self.ep_size
         row = self.hidden * self.wire_bytes
         if (phase, direction, self.dispatch_dtype) == ("dispatch", "fwd", "fp8"):
@@ -365,6 +400,15 @@ def a2a_time(profile: Profile, P: int, bytes_offrank: float, ranks_per_node: int
             + intra.time(g - 1, b_intra + b_inter * (g - 1) / g))
 
 
+def node_dedup_a2a_time(profile: Profile, w: Workload, phase: str, direction: str) -> float:
+    """One node_dedup data call: hop 1 over the inter-node link, then hop 2 inside the node (see module doc)."""
+    inter_bytes, intra_bytes, n, G = w.node_dedup_bytes(phase, direction)
+    intra, inter = profile.links.get("intra"), profile.links.get("inter") or profile.links.get("intra")
+    if intra is None:
+        raise UserError(f"cluster profile {profile.name!r} has no links.intra")
+    return (inter.time(n - 1, inter_bytes) if n > 1 else 0.0) + (intra.time(G - 1, intra_bytes) if G > 1 else 0.0)
+
+
 def _overhead(profile: Profile, key: str, peers: int) -> float:
     """Software cost of an all-to-all call site beyond the link (measured profiles; 0 unless given):
     fixed_s + peers * per_unit_s."""
@@ -386,6 +430,8 @@ def predict_iteration(profile: Profile, w: Workload, oversubscription: float | N
         if phase == "counts":
             t = 0.0 if P <= 1 else (a2a_time(profile, P, count_exchange_bytes(P, w.local_experts), rpn)
                                      + profile.host_sync_s + _overhead(profile, key, P - 1))
+        elif phase in ("dispatch", "combine") and w.dispatch == "node_dedup":
+            t = 0.0 if P <= 1 else node_dedup_a2a_time(profile, w, phase, direction) + _overhead(profile, key, P - 1)
         elif phase in ("dispatch", "combine"):
             t = 0.0 if P <= 1 else a2a_time(profile, P, w.a2a_bytes(phase, direction), rpn) + _overhead(
                 profile, key, P - 1)

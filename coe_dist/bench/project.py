@@ -66,14 +66,15 @@ def dense_flops_per_token(cfg: RunConfig) -> float:
     return attn + dense_ffn + head
 
 
-def workload(cfg: RunConfig, ep: int, tokens: int, distinct_ranks: float | None = None) -> Workload:
+def workload(cfg: RunConfig, ep: int, tokens: int, distinct_ranks: float | None = None,
+             node_ranks: int = 8) -> Workload:
     m = cfg.moe
     dtype = cfg.train.dtype
     return Workload(iterations=m.iterations, top_k=m.top_k, num_experts=m.num_experts, hidden=cfg.model.hidden_size,
                     expert_hidden=m.expert_hidden_size, tokens=tokens, ep_size=ep,
                     num_shared_experts=m.num_shared_experts, layers=cfg.model.num_layers - cfg.model.first_k_dense,
                     dtype=dtype, wire_bytes=2 if dtype == "bf16" else 4, dispatch=m.dispatch,
-                    dispatch_dtype=m.dispatch_dtype, distinct_ranks=distinct_ranks)
+                    dispatch_dtype=m.dispatch_dtype, distinct_ranks=distinct_ranks, node_ranks=node_ranks)
 
 
 def project(profile: Profile, models: list[RunConfig], gpus: list[int], *, ep_mode: str = "max",
@@ -85,7 +86,7 @@ def project(profile: Profile, models: list[RunConfig], gpus: list[int], *, ep_mo
         for cfg in models:
             T = tokens_per_gpu or cfg.train.micro_batch_size * cfg.train.seq_len
             P = ep_size_for(G, cfg.moe.num_experts, ep_mode, profile.ranks_per_node)
-            w = workload(cfg, P, T, (distinct_ranks or {}).get((label(cfg), P)))
+            w = workload(cfg, P, T, (distinct_ranks or {}).get((label(cfg), P)), profile.ranks_per_node)
             rate = profile.gemm_rate(w.dtype)
             extra = 3.0 * T * dense_flops_per_token(cfg) * rate.per_unit_s
             pred = predict_step(profile, w, extra_compute_s=extra)

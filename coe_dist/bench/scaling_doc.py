@@ -212,6 +212,8 @@ def generate(run2_dir: Path, run4_dir: Path, out_md: Path, *, train_hidden: tupl
         return next(r for r in rows if r["gpus"] == g and r["model"].startswith(m))
 
     c8, m8 = row(h100, 8, "CoE"), row(h100, 8, "MoE")
+    node_gain = {m: row(modes["max"]["node_dedup"], 64, m)["tokens_per_s_per_gpu"]
+                 / row(modes["max"]["copies"], 64, m)["tokens_per_s_per_gpu"] - 1 for m in ("CoE", "MoE")}
     c64, m64 = row(h100, 64, "CoE"), row(h100, 64, "MoE")
     cs2 = [s for s in _forced(s2) if s["config"]["hidden"] == 256 and s["config"]["tokens"] == 1024]
     by_c = {s["config"]["iterations"]: s for s in cs2}
@@ -495,8 +497,16 @@ forward dispatch:
 
 {dispatch_table(modes["max"])}
 
-Token-level deduplication per node (DeepEP's normal kernels send a token once per node, then forward inside
-it) is not modelled: the dedup mode sends one row per destination rank.
+The last column, `moe.dispatch: node_dedup` (`coe_dist/parallel/node_dedup.py`), sends a token once to each
+other node holding any of its experts (to the rank there with its own local rank), which forwards it to the
+node's ranks holding them, as DeepEP's normal kernels do: fewer rows cross InfiniBand, more cross NVLink, and
+every call pays both hops' latency. Inside one node (the first table) it is dedup with an extra hop to itself.
+Its MiB column counts both hops' bytes. Under uniform routing a token sends (n - 1) * p(G E) rows to the other
+nodes, with p(x) = 1 - C(N - x, K) / C(N, K) the chance that x given experts hold one of its K, G ranks per node
+and E experts per rank (module doc of `coe_dist/bench/model.py`); at ep 63 (8 nodes of 8, one expert a rank)
+that is 7 * p(8) rows instead of the K * 55/62 copies bound for other nodes. Tokens/s per GPU from 64 GPUs up:
+{node_gain['CoE'] * 100:+.0f}% for CoE-2(4/64), {node_gain['MoE'] * 100:+.0f}% for MoE(8/64) against copies; a
+larger K has more copies per node to merge. Uniform routing only: no placement measurement is carried over to it.
 
 ## Limits
 
@@ -507,15 +517,15 @@ it) is not modelled: the dedup mode sends one row per destination rank.
   all-to-alls; `moe.overlap` and `moe.a2a_chunks` hide part of them, measured by `benchmarks/overlap.py`), gradient
   reduction, attention kernels' real efficiency and load imbalance (uniform routing: pass measured skew
   through `Workload.imbalance`).
-* Deduplication is modelled per rank (`moe.dispatch: dedup`), not per node (DeepEP sends a token once per
-  node); the dedup fan-out and per-row sums are counted as the copies mode's regroup and unpermute phases.
+* The dedup fan-out and per-row sums are counted as the copies mode's regroup and unpermute phases; node_dedup's
+  relay work (fan-out and sums of forwarded rows) is not counted beyond its second all-to-all.
 """
     out_md.write_text(md)
     return out_md
 
 
 DISPATCH_MODES = {"copies": ("copies", "bf16"), "dedup": ("dedup", "bf16"), "dedup+fp8": ("dedup", "fp8"),
-                  "dedup+placement": ("dedup", "bf16")}
+                  "dedup+placement": ("dedup", "bf16"), "node_dedup": ("node_dedup", "bf16")}
 LEARNED = ROOT / "benchmarks" / "results" / "learned_bytes.json"
 
 
@@ -543,7 +553,7 @@ def dispatch_projections(profile, coe, moe, gpus: list[int], ep_mode: str) -> di
 
 
 def dispatch_table(modes: dict[str, list[dict]]) -> str:
-    """Before (copies) / after (dedup, dedup + fp8): exposed all-to-all ms, MiB sent and tokens/s per GPU."""
+    """Before (copies) / after (the other modes): exposed all-to-all ms, MiB sent and tokens/s per GPU."""
     names = list(modes)
     lines = ["| GPUs | model | ep | " + " | ".join(f"a2a ms {m}" for m in names) + " | "
              + " | ".join(f"MiB/GPU/step {m}" for m in names) + " | "

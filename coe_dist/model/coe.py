@@ -34,6 +34,7 @@ from coe_dist.model.router import (
 )
 from coe_dist.parallel.dedup import DedupAllToAllDispatcher
 from coe_dist.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
+from coe_dist.parallel.node_dedup import NodeDedupAllToAllDispatcher
 
 ROUTING_SAMPLE_TOKENS = 1024  # tokens' expert choices kept per logging step, to predict a placement's traffic
 
@@ -44,9 +45,14 @@ def _build_dispatcher(config: MoEConfig, layer: int) -> LocalDispatcher:
     from coe_dist.parallel.groups import expert_parallel_group
 
     group = expert_parallel_group(config.ep_size, config.num_experts)
+    options = dict(layer=layer, chunks=config.a2a_chunks, overlap=config.overlap, fp8=config.dispatch_dtype == "fp8")
+    if config.dispatch == "node_dedup":
+        from coe_dist.parallel.groups import node_groups, ranks_per_node
+
+        inter, intra = node_groups(config.ep_size, ranks_per_node(config.ranks_per_node))
+        return NodeDedupAllToAllDispatcher(config.num_experts, group, inter, intra, config.capacity_factor, **options)
     kind = DedupAllToAllDispatcher if config.dispatch == "dedup" else AllToAllDispatcher
-    return kind(config.num_experts, group, config.capacity_factor, layer=layer, chunks=config.a2a_chunks,
-                overlap=config.overlap, fp8=config.dispatch_dtype == "fp8")
+    return kind(config.num_experts, group, config.capacity_factor, **options)
 
 
 class StateDictMismatch(UserError, KeyError):
@@ -78,7 +84,7 @@ class CoELayer(nn.Module):
                    routing_groups=config.routing_groups, routing_group_topk=config.routing_group_topk)
             for _ in range(num_routers))
         self.dispatcher = _build_dispatcher(config, layer)
-        ep_rank = getattr(self.dispatcher, "ep_rank", 0)
+        ep_rank = getattr(self.dispatcher, "expert_rank", 0)
         self.num_local_experts = config.num_experts // config.ep_size
         self.first_expert = ep_rank * self.num_local_experts
         self.experts = GroupedExperts(self.num_local_experts, hidden_size, config.expert_hidden_size,

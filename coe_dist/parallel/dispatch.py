@@ -368,9 +368,10 @@ class AllToAllDispatcher(LocalDispatcher):
     def __init__(self, num_experts: int, group, capacity_factor: float | None = None, *, layer: int = 0,
                  chunks: int = 1, overlap: bool = True, fp8: bool = False) -> None:
         super().__init__(num_experts, capacity_factor, layer=layer)
-        self.group = group
+        self.group = group  # the all-to-alls' group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
+        self.ep_group, self.expert_rank = group, self.ep_rank  # the expert-parallel group, and which experts are here
         self.num_local = num_experts // self.ep_size
         self.chunks = chunks
         self.overlap = overlap

@@ -8,6 +8,7 @@ is what makes ZeRO reduce expert gradients over the expert-data-parallel group o
 from __future__ import annotations
 
 import importlib
+import os
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -63,3 +64,54 @@ def expert_data_parallel_group(ep_size: int):
     from deepspeed.utils import groups
 
     return groups._get_expert_data_parallel_group(group_name(ep_size))
+
+
+# Launchers' ranks-per-node variables, first found wins: torchrun, Slurm (one number per node when uniform),
+# Open MPI, MVAPICH.
+RANKS_PER_NODE_VARS = ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                       "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def ranks_per_node(configured: int, env: dict[str, str] | None = None) -> int:
+    """moe.ranks_per_node, or (0) what the launcher says; a clear error where neither says."""
+    if configured:
+        return configured
+    env = os.environ if env is None else env
+    for var in RANKS_PER_NODE_VARS:
+        if env.get(var, "").isdigit() and int(env[var]) > 0:
+            return int(env[var])
+    raise ValueError(f"moe.dispatch=node_dedup needs the ranks per node and no launcher variable says it "
+                     f"({', '.join(RANKS_PER_NODE_VARS)} unset): set moe.ranks_per_node")
+
+
+def node_layout(ep_size: int, per_node: int) -> tuple[int, int]:
+    """(nodes M, ranks G of the group per node) of an expert-parallel group of consecutive ranks. A group
+    inside one node (ep_size divides per_node) has M = 1; one spanning nodes has G = per_node."""
+    if per_node % ep_size == 0:
+        return 1, ep_size
+    if ep_size % per_node == 0:
+        return ep_size // per_node, per_node
+    raise ValueError(f"moe.ranks_per_node={per_node} and moe.ep_size={ep_size}: one must divide the other for "
+                     "node_dedup (an expert-parallel group of whole nodes, or inside one node)")
+
+
+_NODE_GROUPS: dict[tuple[int, int], tuple] = {}
+
+
+def node_groups(ep_size: int, per_node: int):
+    """(inter, intra) groups of this rank for node-level deduplication: inter = the ranks of its expert-parallel
+    group with its local rank, one per node; intra = the ranks of its group on its node. Every rank creates
+    every group, in the same order (new_group is collective over the world)."""
+    key = (ep_size, per_node)
+    if key not in _NODE_GROUPS:
+        M, G = node_layout(ep_size, per_node)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = None, None
+        for start in range(0, world, ep_size):
+            inter = [dist.new_group([start + m * G + g for m in range(M)]) for g in range(G)]
+            intra = [dist.new_group([start + m * G + g for g in range(G)]) for m in range(M)]
+            if start <= rank < start + ep_size:
+                q = rank - start
+                mine = inter[q % G], intra[q // G]
+        _NODE_GROUPS[key] = mine
+    return _NODE_GROUPS[key]

@@ -508,7 +508,7 @@ def load_model(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, 
 
 # moe keys that describe how a run executes, not the weights: a run started from a checkpoint chooses them.
 RUNTIME_MOE_KEYS = ("ep_size", "expert_impl", "recompute", "overlap", "a2a_chunks", "dispatch", "dispatch_dtype",
-                    "placement", "replace_interval")
+                    "ranks_per_node", "placement", "replace_interval")
 
 
 def architecture_overrides(path: str | Path) -> list[str]:
