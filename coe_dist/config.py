@@ -380,6 +380,10 @@ def validate_moe(moe: MoEConfig, hidden_size: int | None = None) -> None:
     _choice("moe", moe, "dispatch", ("copies", "dedup", "node_dedup"))
     _check(moe.ranks_per_node >= 0,
            f"moe.ranks_per_node={moe.ranks_per_node}: must be >= 0 (0 = the launcher's ranks per node)")
+    R, P = moe.ranks_per_node, moe.ep_size
+    _check(moe.dispatch != "node_dedup" or not R or R % P == 0 or P % R == 0,
+           f"moe.ranks_per_node={R} with moe.ep_size={P} and moe.dispatch=node_dedup: one must divide the other "
+           "(an expert-parallel group of whole nodes, or inside one node)")
     _choice("moe", moe, "dispatch_dtype", ("bf16", "fp8"))
     _check(moe.aux_loss_coef >= 0, f"moe.aux_loss_coef={moe.aux_loss_coef}: must be >= 0")
     _check(moe.z_loss_coef >= 0, f"moe.z_loss_coef={moe.z_loss_coef}: must be >= 0")

@@ -70,6 +70,10 @@ BAD = [
     (["optim.lr=0"], ["optim.lr"]),
     (["model.first_k_dense=9"], ["model.first_k_dense=9"]),
     (["train.steps"], ["section.key=value"]),
+    (["moe.dispatch=node", "moe.ep_size=2"], ["moe.dispatch='node'", "copies, dedup, node_dedup"]),
+    (["moe.dispatch=node_dedup", "moe.ep_size=4", "moe.ranks_per_node=3"],
+     ["moe.ranks_per_node=3", "moe.ep_size=4", "one must divide the other"]),
+    (["moe.ranks_per_node=-1"], ["moe.ranks_per_node=-1", ">= 0"]),
 ]
 
 
@@ -115,3 +119,18 @@ def test_cli_help_works():
     out = subprocess.run([sys.executable, "-m", "coe_dist.cli", "train", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--set" in out.stdout and "--nproc" in out.stdout
+
+
+def test_ranks_per_node_from_the_launcher_and_node_layout():
+    from coe_dist.parallel.groups import node_layout, ranks_per_node
+
+    assert ranks_per_node(3, {"LOCAL_WORLD_SIZE": "8"}) == 3  # the config wins
+    assert ranks_per_node(0, {"LOCAL_WORLD_SIZE": "4", "SLURM_NTASKS_PER_NODE": "8"}) == 4  # torchrun's first
+    assert ranks_per_node(0, {"SLURM_NTASKS_PER_NODE": "8"}) == 8
+    assert ranks_per_node(0, {"SLURM_NTASKS_PER_NODE": "4(x2)", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 2
+    with pytest.raises(ValueError, match="set moe.ranks_per_node"):
+        ranks_per_node(0, {})
+    # (nodes, ranks per node) of an ep group: spanning nodes, inside one, and a layout that splits a node
+    assert node_layout(8, 2) == (4, 2) and node_layout(4, 8) == (1, 4) and node_layout(4, 4) == (1, 4)
+    with pytest.raises(ValueError, match="ranks_per_node=3 and moe.ep_size=4"):
+        node_layout(4, 3)
