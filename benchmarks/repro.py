@@ -203,10 +203,6 @@ class Result:
         return statistics.mean(self.finals)
 
     @property
-    def half_spread(self) -> float:
-        return (max(self.finals) - min(self.finals)) / 2
-
-    @property
     def stderr(self) -> float:
         return standard_error(self.finals)
 
@@ -312,6 +308,8 @@ class Paired:
 
 
 def paired(a: Result, b: Result) -> Paired:
+    if a.seeds is None or b.seeds is None:
+        return Paired([], [])
     b_by_seed = dict(zip(b.seeds, b.finals, strict=True))
     common = [(s, x) for s, x in zip(a.seeds, a.finals, strict=True) if s in b_by_seed]
     return Paired([s for s, _ in common], [x - b_by_seed[s] for s, x in common])
@@ -323,14 +321,49 @@ def comparisons(names: list[str]) -> list[tuple[str, str]]:
     return pairs + [(n, n.split("+")[0]) for n in names if "+" in n and n.split("+")[0] in names]
 
 
+# Student's t, 97.5th percentile, by degrees of freedom: a two-sided 95% interval on a mean of n - 1 + 1 values.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_975(dof: int) -> float:
+    """The table's value at dof, or at the next smaller dof tabulated (wider: errs toward "not resolved")."""
+    return T_975[max(k for k in T_975 if k <= dof)] if dof <= 30 else 1.960
+
+
+@dataclass
+class Difference:
+    """A - B with a 95% interval: paired over the seeds both ran where two or more did (the same seed: the same
+    data order and initial dense weights, so most of the seed noise cancels), else from the two configs' own
+    standard errors (dof of the smaller)."""
+
+    mean: float
+    stderr: float  # nan: fewer than two seeds, no interval
+    seeds: int
+    kind: str  # "paired" or "unpaired"
+
+    @property
+    def half_width(self) -> float:
+        return t_975(self.seeds - 1) * self.stderr if self.seeds > 1 else math.nan
+
+
+def difference(a: Result, b: Result) -> Difference:
+    d = paired(a, b)
+    if len(d.diffs) > 1:
+        return Difference(d.mean, d.stderr, len(d.diffs), "paired")
+    n = min(len(a.finals), len(b.finals))
+    return Difference(a.mean - b.mean, math.hypot(a.stderr, b.stderr), n, "unpaired")
+
+
 def verdict(a: Result, b: Result, expected: str) -> str:
-    """Whether A - B has the paper's sign, beyond the seed spread of the two (half-spreads added)."""
-    diff, noise = a.mean - b.mean, a.half_spread + b.half_spread
-    if abs(diff) <= noise:
-        return "holds (within seed spread)" if expected == "equal" else "not resolved (within seed spread)"
+    """Whether A - B has the paper's sign with 95% confidence; otherwise "not resolved at N seeds"."""
+    d = difference(a, b)
+    seeds = f"{d.seeds} seed{'s' if d.seeds != 1 else ''}"
+    if not abs(d.mean) > d.half_width:  # also the nan case: one seed gives no interval
+        return f"holds: no difference resolved at {seeds}" if expected == "equal" else f"not resolved at {seeds}"
     if expected == "equal":  # "A matches B": a lower A is more than the claim, a higher one falls short of it
-        return "holds, and more: A is lower beyond the spread" if diff < 0 else "does not hold: A is higher"
-    return "holds" if diff < 0 else "reversed"
+        return "holds, and more: A is lower" if d.mean < 0 else "does not hold: A is higher"
+    return "holds" if d.mean < 0 else "does not hold: reversed"
 
 
 def summarise(results: list[Result], out_md: Path) -> str:
@@ -366,13 +399,19 @@ def summarise(results: list[Result], out_md: Path) -> str:
         if d.diffs:
             per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs, strict=True))
             lines.append(f"| {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({len(d.diffs)}) | {per_seed} |")
-    lines += ["", "| paper's claim | A | B | A - B (valid loss) | seed spread (A + B) | here |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Verdicts: A - B with a two-sided 95% Student-t interval, paired over the seeds both configs ran "
+              "(unpaired where they share fewer than two); a claim holds when the interval excludes zero.", "",
+              "| paper's claim | A | B | A - B, mean ± standard error (seeds) | 95% interval | seeds with A < B "
+              "| here |", "|---|---|---|---|---|---|---|"]
     for a, b, expected, claim in CLAIMS:
         if a in by_name and b in by_name:
             ra, rb = by_name[a], by_name[b]
-            lines.append(f"| {claim} | {a} | {b} | {ra.mean - rb.mean:+.4f} | {ra.half_spread + rb.half_spread:.4f} "
-                         f"| {verdict(ra, rb, expected)} |")
+            d, p = difference(ra, rb), paired(ra, rb)
+            interval = "-" if math.isnan(d.half_width) else \
+                f"{d.mean - d.half_width:+.4f} to {d.mean + d.half_width:+.4f}"
+            lower = f"{sum(x < 0 for x in p.diffs)} of {len(p.diffs)}" if p.diffs else "-"
+            lines.append(f"| {claim} | {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({d.seeds} {d.kind}) | "
+                         f"{interval} | {lower} | {verdict(ra, rb, expected)} |")
     lines += ["", f"![validation loss against step]({plot.relative_to(out_md.parent)})"]
     text = "\n".join(lines) + "\n"
     old = out_md.read_text() if out_md.is_file() else ""

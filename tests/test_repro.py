@@ -47,7 +47,9 @@ def test_summary_table_and_verdicts(tmp_path):
     fake_run(runs, "moe-8of64", 1, [(10, 3.1), (20, 2.40)])
     fake_run(runs, "moe-8of64", 2, [(10, 3.3), (20, 2.60)])
     fake_run(runs, "coe-2-4of48", 1, [(10, 3.0), (20, 2.45)])
-    fake_run(runs, "coe-2-4of48", 2, [(10, 3.0), (20, 2.65)])
+    fake_run(runs, "coe-2-4of48", 2, [(10, 3.0), (20, 2.62)])
+    fake_run(runs, "coe-2-4of64", 3, [(10, 3.1), (20, 2.05)])  # a third seed for the first claim
+    fake_run(runs, "moe-8of64", 3, [(10, 3.2), (20, 2.50)])
     fake_run(runs, "coe-2-4of64-shared-gating", 1, [(10, 3.0), (20, 2.02)])
     fake_run(runs, "coe-2-4of64-shared-gating", 2, [(10, 3.0), (20, 2.04)])
     fake_run(runs, "dense-8of8-c1", 1, [(10, 3.0), (20, 1.5)], finished=False)  # left out
@@ -57,17 +59,21 @@ def test_summary_table_and_verdicts(tmp_path):
     out.parent.mkdir()
     out.write_text("# intro kept\n<!-- table -->\nold table, replaced\n")
     text = repro.summarise([repro.load_result(n, d) for n, d in groups.items()], out)
-    # coe: mean of 2.00 and 2.10, half the spread 0.05; whole model 400 dense + 2 x 300 experts = 1000 params.
-    # standard error over 2 seeds = stdev / sqrt(2) = |2.10 - 2.00| / 2; no harness wall time recorded: "-"
-    assert "| coe-2-4of64 | 2.0500 ± 0.0500 (2) | 2.0000, 2.1000 | 0.00 M (0.00 M) | 200 | 1,500 | -, - |" in text
+    # coe: mean of 2.00, 2.10, 2.05 = 2.05, stdev 0.05, standard error 0.05 / sqrt 3; whole model 400 dense +
+    # 2 x 300 experts = 1000 params; peak 100 x seed, tokens/s 1000 x seed (median over seeds: 2000)
+    assert "| coe-2-4of64 | 2.0500 ± 0.0289 (3) | 2.0000, 2.1000, 2.0500 | 0.00 M (0.00 M) | 300 | 2,000 | -, -, - |" \
+        in text
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
-    # coe - moe = 2.05 - 2.50 = -0.45, beyond 0.05 + 0.10: holds
-    assert "| -0.4500 | 0.1500 | holds |" in rows["CoE-2(4/64) beats MoE(8/64) at equal FLOPs (paper: 1.12 vs 1.20)"]
-    # 4of48 - moe = 2.55 - 2.50 = +0.05 within 0.10 + 0.10: equal holds
-    assert "| +0.0500 | 0.2000 | holds (within seed spread) |" in rows[
-        "CoE-2(4/48) matches MoE(8/64) with fewer parameters"]
-    # coe - shared gating = 2.05 - 2.03 = +0.02 within 0.05 + 0.01
-    assert "not resolved (within seed spread)" in rows["independent gating beats one shared router"]
+    # coe - moe per seed: -0.40, -0.50, -0.45: mean -0.45, standard error 0.05 / sqrt 3 = 0.0289; t(2) = 4.303,
+    # half-width 0.1242: -0.5742 to -0.3258 excludes 0: holds
+    assert "| -0.4500 ± 0.0289 (3 paired) | -0.5742 to -0.3258 | 3 of 3 | holds |" in rows[
+        "CoE-2(4/64) beats MoE(8/64) at equal FLOPs (paper: 1.12 vs 1.20)"]
+    # 4of48 - moe: +0.05, +0.02: mean 0.035, se 0.015, t(1) = 12.706: +-0.1906 spans 0: no difference resolved
+    assert "| +0.0350 ± 0.0150 (2 paired) | -0.1556 to +0.2256 | 0 of 2 | holds: no difference resolved at 2 seeds |" \
+        in rows["CoE-2(4/48) matches MoE(8/64) with fewer parameters"]
+    # coe - shared gating over seeds 1 and 2: -0.02, +0.06
+    assert "| +0.0200 ± 0.0400 (2 paired) | -0.4882 to +0.5282 | 1 of 2 | not resolved at 2 seeds |" in rows[
+        "independent gating beats one shared router"]
     assert not any("inner residual" in r for r in rows)  # no runs of that ablation: no row
     written = out.read_text()
     assert written.startswith("# intro kept\n<!-- table -->\n") and "old table" not in written
@@ -201,13 +207,28 @@ def test_machine_label():
     assert here["cores"] == os.cpu_count() and (here["gpu"] is None) == (not torch.cuda.is_available())
 
 
-def test_verdict_reversed_and_unequal():
-    a = repro.Result("a", [2.0, 2.0], [], 1, 1, 0.0, 0.0)
-    b = repro.Result("b", [1.0, 1.2], [], 1, 1, 0.0, 0.0)
-    assert repro.verdict(a, b, "lower") == "reversed"
+def test_verdict_reversed_unequal_unpaired_and_one_seed():
+    a = repro.Result("a", [2.0, 2.1, 2.2], [], 1, 1, 0.0, 0.0, seeds=[1, 2, 3])
+    b = repro.Result("b", [1.0, 1.2, 1.3], [], 1, 1, 0.0, 0.0, seeds=[1, 2, 3])
+    # paired 1.0, 0.9, 0.9: mean 0.9333, standard error 0.0333, t(2) x 0.0333 = 0.1434 < 0.9333: resolved
+    d = repro.difference(a, b)
+    assert (d.kind, d.seeds, d.mean, d.half_width) == ("paired", 3, pytest.approx(14 / 15), pytest.approx(4.303 / 30))
+    assert repro.verdict(a, b, "lower") == "does not hold: reversed"
     assert repro.verdict(a, b, "equal") == "does not hold: A is higher"
-    assert repro.verdict(b, a, "equal") == "holds, and more: A is lower beyond the spread"
+    assert repro.verdict(b, a, "equal") == "holds, and more: A is lower"
     assert repro.verdict(b, a, "lower") == "holds"
+    # no seed in common: unpaired, standard errors 0.1 / sqrt 3 and 0.15275 / sqrt 3 added in quadrature
+    c = repro.Result("c", [1.0, 1.2, 1.3], [], 1, 1, 0.0, 0.0, seeds=[4, 5, 6])
+    d = repro.difference(a, c)
+    assert (d.kind, d.stderr) == ("unpaired", pytest.approx((0.01 / 3 + 0.0233333 / 3) ** 0.5, rel=1e-4))
+    assert repro.verdict(c, a, "lower") == "holds"
+    # one seed each: no interval, however large the gap
+    one_a = repro.Result("a", [2.0], [], 1, 1, 0.0, 0.0, seeds=[1])
+    one_b = repro.Result("b", [1.0], [], 1, 1, 0.0, 0.0, seeds=[1])
+    assert repro.verdict(one_b, one_a, "lower") == "not resolved at 1 seed"
+    assert repro.verdict(one_b, one_a, "equal") == "holds: no difference resolved at 1 seed"
+    # the t table: tabulated, between entries (the smaller dof, wider), and large samples
+    assert (repro.t_975(4), repro.t_975(11), repro.t_975(100)) == (2.776, 2.228, 1.960)
 
 
 def _slurm_repro(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
