@@ -11,7 +11,14 @@ import torch
 
 from coe_dist.config import ConfigError, load_config
 from coe_dist.model.router import coselection_counts, transition_counts
-from coe_dist.train.placement import make_plan, partition, read_plan, rows_per_token, slots_from_parts
+from coe_dist.train.placement import (
+    busiest_rank_load,
+    make_plan,
+    partition,
+    read_plan,
+    rows_per_token,
+    slots_from_parts,
+)
 
 from trainrun import TINY
 
@@ -60,6 +67,10 @@ def test_rows_per_token_by_hand():
     assert rows_per_token(sample, [0, 1, 2, 3], 2) == pytest.approx((1 + 2 + 2) / 3)  # ranks {0,1}, {2,3}
     assert rows_per_token(sample, [0, 2, 1, 3], 2) == pytest.approx((2 + 1 + 1) / 3)  # ranks {0,2}, {1,3}
     assert slots_from_parts([1, 0, 1, 0], 2) == [1, 3, 0, 2]
+    # (token, expert) rows per rank: in order {0,1} gets 0,1,0,1 = 4, {2,3} gets 2,3 = 2: 4 / 3; placed {0,2}
+    # gets 0,0,2 = 3 and {1,3} gets 1,1,3 = 3: even
+    assert busiest_rank_load(sample, [0, 1, 2, 3], 2) == pytest.approx(4 / 3)
+    assert busiest_rank_load(sample, [0, 2, 1, 3], 2) == 1.0
 
 
 def test_plan_from_planted_statistics_cuts_the_rows():

@@ -95,6 +95,19 @@ def rows_per_token(sample_SK: torch.Tensor, order: list[int], ep_size: int) -> f
     return float(hit_SP.sum(1).double().mean())
 
 
+def busiest_rank_load(sample_SK: torch.Tensor, order: list[int], ep_size: int) -> float:
+    """The busiest rank's (token, expert) rows over the mean rank's under a placement: 1 = even. Placement keeps
+    N/P experts per rank, not their load; experts picked together are often the busy ones, and a rank that
+    holds several works longer while the others wait for it in the next all-to-all (docs/performance.md)."""
+    if len(sample_SK) == 0:
+        return float("nan")
+    size = len(order) // ep_size
+    rank_of = torch.empty(len(order), dtype=torch.long)
+    rank_of[torch.tensor(order)] = torch.arange(len(order)) // size
+    load_P = torch.bincount(rank_of[sample_SK.long()].flatten(), minlength=ep_size).double()
+    return float(load_P.max() / load_P.mean())
+
+
 def make_plan(stats: dict[str, torch.Tensor], layers: list[int], num_experts: int, iterations: int,
               ep_size: int) -> dict:
     """Plan JSON for every CoE layer, with the predicted rows per token (per layer and iteration, and mean)."""
@@ -109,7 +122,9 @@ def make_plan(stats: dict[str, torch.Tensor], layers: list[int], num_experts: in
             sample = stats[f"layer{layer}/iter{t}/sample"]
             predicted.append({"layer": layer, "iteration": t, "copies": int(sample.shape[1]),
                               "before": rows_per_token(sample, in_order, ep_size),
-                              "after": rows_per_token(sample, order_of[str(layer)], ep_size)})
+                              "after": rows_per_token(sample, order_of[str(layer)], ep_size),
+                              "load_before": busiest_rank_load(sample, in_order, ep_size),
+                              "load_after": busiest_rank_load(sample, order_of[str(layer)], ep_size)})
     return {"format": FORMAT, "num_experts": num_experts, "ep_size": ep_size, "layers": order_of,
             "predicted_rows_per_token": predicted}
 
@@ -164,15 +179,22 @@ def _plan(args: argparse.Namespace) -> int:
     rows = plan["predicted_rows_per_token"]
     print(f"placement of {moe['num_experts']} experts on {P} ranks from {run}/{coselection.FILE} "
           f"({len(stats[f'layer{layers[0]}/iter0/sample'])} sampled tokens per layer and iteration)")
-    print("| layer | iteration | rows per token: copies | dedup, in order | dedup, planned |")
-    print("|---|---|---|---|---|")
+    print("| layer | iteration | rows per token: copies | dedup, in order | dedup, planned "
+          "| busiest rank's rows / mean: in order | planned |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layer']} | {r['iteration']} | {r['copies']} | {r['before']:.3f} | {r['after']:.3f} |")
+        print(f"| {r['layer']} | {r['iteration']} | {r['copies']} | {r['before']:.3f} | {r['after']:.3f} "
+              f"| {r['load_before']:.2f} | {r['load_after']:.2f} |")
     before, after = mean_rows(plan)
     row_bytes = 2 * 2 * model["hidden_size"] * len(rows)  # dispatch + combine, bf16, every layer and iteration
     print(f"mean rows per token and iteration: {before:.3f} -> {after:.3f} ({after / before:.1%}; copies send "
           f"{rows[0]['copies']}); all-to-all bytes per token over all layers and iterations (dispatch + combine, "
           f"bf16): {before * row_bytes:,.0f} -> {after * row_bytes:,.0f}")
+    worst_before, worst_after = (max(r[k] for r in rows) for k in ("load_before", "load_after"))
+    if worst_after > worst_before:
+        print(f"note: the busiest rank gets {worst_after:.2f}x the mean rows (in order: {worst_before:.2f}x): where "
+              f"the all-to-all is cheap next to compute (one host, fast links) the wait for it can cost more time "
+              f"than the fewer bytes save; measure with benchmarks/learned_bytes.py --repeats 5")
     print(f"wrote {out}; use it with: coe-dist train ... --resume auto --set moe.placement={out}")
     return 0
 
