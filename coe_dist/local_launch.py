@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from coe_dist.launcher import MPI_MARKERS, LaunchError
@@ -102,10 +102,13 @@ def _run_agent(cmd: list[str], errors: Path) -> int:
     # the same way (an exception, not Python's KeyboardInterrupt traceback or SIGTERM's silent death).
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), _terminate_process_handler)
+    # Children this process had before the agent ran are not trainers (a launch script's helpers, once it
+    # exec'd into this process): a stop does not wait for them.
+    others = set(_children())
     try:
         run(args)
     except SignalException as e:
-        _stop_children(e.sigval)
+        _stop_children(e.sigval, ignore=others)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         line, code = failure_line(e.failures, read_errors(errors))
@@ -175,13 +178,13 @@ def _children() -> list[int]:
     return pids
 
 
-def _stop_children(sig: signal.Signals, timeout_s: float | None = None) -> None:
+def _stop_children(sig: signal.Signals, timeout_s: float | None = None, ignore: Collection[int] = ()) -> None:
     """After the agent gave up on a signal (a second signal cut its wait short): pass the signal on to the
     trainers still running, wait for their checkpoint, then kill them. No trainer outlives the job.
     Signals that come meanwhile are passed on too (a later SIGTERM makes a trainer exit at once)."""
     timeout_s = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)) if timeout_s is None \
         else timeout_s
-    pids = _children()
+    pids = [p for p in _children() if p not in ignore]
     if not pids:
         return
 

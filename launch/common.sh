@@ -44,10 +44,12 @@ private_tmpdir() {
   local job=$$ dir
   dir=$(mktemp -d "${TMPDIR:-/tmp}/coe-dist.XXXXXX") ||
     die "cannot create a directory in ${TMPDIR:-/tmp}: set TMPDIR to a writable directory"
-  (
+  # Forked twice: the watcher is nobody's child once the script execs its launcher, so a launcher that
+  # waits for its children on a signal (torchrun's agent waits for its trainers) does not wait for it.
+  ( (
     trap '' INT TERM HUP QUIT USR1 USR2
     trap 'rm -rf -- "$dir"' EXIT
     while kill -0 "$job" 2>/dev/null; do sleep 1; done
-  ) </dev/null >/dev/null 2>&1 &
+  ) </dev/null >/dev/null 2>&1 & )
   export TMPDIR=$dir
 }

@@ -38,6 +38,7 @@ FAST = ("train.dtype=fp32", "log.log_interval=1", "data.num_documents=400", "log
         "log.tensorboard=false", "moe.ep_size=2", "train.steps=400")
 JOB_TIMEOUT = 420  # seconds for a whole job on 2 loaded cores
 MEET_TIMEOUT_S = 10  # parallel.timeout_s of the start-up cases
+STOP_WITHIN_S = 45  # from the signal to the launcher's exit, on 2 loaded cores (saving takes a few seconds)
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
                "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
@@ -97,9 +98,12 @@ class Job:
 
     def __init__(self, name: str, cmd: list[str], run_dir: Path, sig: int | None = None, **env: str) -> None:
         self.name, self.run_dir, self.sig = name, run_dir, sig
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+        self.tmp = run_dir.parent / f"{run_dir.name}-tmp"  # the caller's TMPDIR: the job's own go inside
+        self.tmp.mkdir()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(TMPDIR=str(self.tmp), **env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.signalled_at: float | None = None
+        self.ended_at: float | None = None
         self.out = self.err = ""
         self.left: list[int] = []
 
@@ -110,7 +114,9 @@ class Job:
         if self.sig is not None and self.signalled_at is None and logged and self.proc.poll() is None:
             os.kill(self.proc.pid, self.sig)  # the launcher's PID only, as timeout, a CI runner or a terminal do
             self.signalled_at = time.monotonic()
-        return self.proc.poll() is not None
+        if self.ended_at is None and self.proc.poll() is not None:
+            self.ended_at = time.monotonic()
+        return self.ended_at is not None
 
     def finish(self) -> None:
         self.out, self.err = self.proc.communicate()
@@ -182,6 +188,14 @@ def test_a_signal_to_the_launcher_stops_every_trainer_with_a_checkpoint(jobs, na
     assert job.signalled_at is not None, job.err[-3000:]
     assert job.proc.returncode == 128 + sig, (job.proc.returncode, job.err[-3000:])
     assert job.left == [], f"trainers still running after the launcher exited: {job.left}"
+    # Saving takes seconds: a stop that takes longer waits for something (the agent once waited 100 s, its
+    # shutdown timeout, for the launch script's TMPDIR watcher, then killed it and the directory stayed).
+    assert job.ended_at - job.signalled_at < STOP_WITHIN_S, (job.ended_at - job.signalled_at, job.err[-2000:])
+    assert "did not stop within" not in job.err, job.err[-2000:]
+    deadline = time.monotonic() + 5  # the launch scripts' watcher looks once a second
+    while list(job.tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(job.tmp.iterdir()) == [], "the job's private TMPDIR was left behind"
     for text in (job.out, job.err):
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     step = _saved_step(job.run_dir)
@@ -200,6 +214,26 @@ def test_a_trainers_user_error_is_one_line_with_its_exit_code(jobs) -> None:
     assert job.proc.returncode == 1
     _assert_one_line(job.err, "dataset file '/nonexistent/corpus.idx' does not exist", "data.dataset")
     assert job.left == []
+
+
+def test_a_stop_waits_for_the_trainers_not_for_older_children() -> None:
+    """A launch script that exec's into the agent leaves it the script's helpers as children (once: the TMPDIR
+    watcher, which ignores SIGTERM until the launcher is gone). A stop forwards the signal to the trainers and
+    waits for them; a child that was there before the agent ran is neither signalled nor waited for."""
+    ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    older = subprocess.Popen([sys.executable, "-c", ignores_term])
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)  # both running
+        start = time.monotonic()
+        with local_launch._signals_restored():
+            local_launch._stop_children(signal.SIGTERM, timeout_s=20, ignore={older.pid})
+        assert time.monotonic() - start < 5
+        assert trainer.poll() is not None and older.poll() is None  # the trainer reaped (by the stop), the other not
+    finally:
+        for proc in (older, trainer):
+            proc.kill()
+            proc.wait()
 
 
 def test_a_rank_that_dies_is_named(jobs) -> None:
