@@ -123,7 +123,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1
     seq_len: int = 128
-    dtype: str = "bf16"  # bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 where the device computes it natively, else fp32) | bf16 | fp32
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     # A new run starts from these weights: a coe-dist checkpoint or run dir (`coe-dist train --init-from`, e.g.
@@ -460,7 +460,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len={t.seq_len} > model.max_seq_len={m.max_seq_len}: raise max_seq_len or shorten seq_len")
     _check(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed}: must be in [0, {MAX_SEED}] (numpy's seed range)")
-    _choice("train", t, "dtype", ("bf16", "fp32"))
+    _choice("train", t, "dtype", ("auto", "bf16", "fp32"))
     _choice("train", t, "device", ("auto", "cpu", "cuda"))
     _choice("train", t, "nan_policy", ("stop", "skip"))
     _check(t.max_consecutive_nan >= 1, f"train.max_consecutive_nan={t.max_consecutive_nan}: must be >= 1")

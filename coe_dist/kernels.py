@@ -101,6 +101,16 @@ def cpu_has_native_bf16() -> bool | None:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
+def resolve_dtype(requested: str, device: torch.device) -> str:
+    """train.dtype=auto: bf16 where the device multiplies it natively (a CUDA GPU with bf16, a CPU with AVX-512
+    BF16 or AMX), fp32 elsewhere (an AVX2 CPU emulates bf16 matmuls, about 10x slower than fp32)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def bf16_on_cpu_warning(device: torch.device, dtype: str) -> str | None:
     """The start-up warning for bf16 training on a CPU that emulates bf16 matmuls (AVX2 only): measured about
     11x slower than fp32 there (a 1024x128 @ 128x512 matmul, torch 2.13)."""

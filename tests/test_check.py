@@ -37,7 +37,9 @@ def _check(tmp: Path, *args: str, env: dict[str, str] | None = None, timeout: fl
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("healthy")
-    proc, verdicts = _check(tmp, "--nproc", "2", "--steps", "2")
+    # bf16 stated: the default (auto) is fp32 on CPUs without native bf16, and this keeps bf16 training and its
+    # layer tolerance tested on every machine
+    proc, verdicts = _check(tmp, "--nproc", "2", "--steps", "2", "--set", "train.dtype=bf16")
     report = json.loads((tmp / "run" / "check" / "check.json").read_text())
     return proc, verdicts, {v["item"]: v for v in report["items"]}
 
@@ -46,6 +48,7 @@ def test_healthy_check_passes_every_item(healthy):
     proc, verdicts, _ = healthy
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert list(verdicts) == ["versions", "kernels", "disk", "gemm", "a2a", "layer", "train", "cost"]
+    assert ", bf16; profile" in proc.stdout
     # Speed may only warn on this shared machine; correctness and the checkpoint must pass.
     assert all(not line.split()[1] == "FAIL" for line in verdicts.values()), verdicts
     for item in ("versions", "disk", "layer", "train"):

@@ -148,3 +148,14 @@ def test_bf16_warning_only_where_the_cpu_emulates_it(monkeypatch, native, device
 def test_cpu_flags_are_read_from_cpuinfo() -> None:
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
     assert kernels.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+@pytest.mark.parametrize("requested, native, cuda_bf16, device, want", [
+    ("auto", False, None, "cpu", "fp32"), ("auto", True, None, "cpu", "bf16"), ("auto", None, None, "cpu", "fp32"),
+    ("auto", False, True, "cuda", "bf16"), ("auto", False, False, "cuda", "fp32"),
+    ("bf16", False, None, "cpu", "bf16"), ("fp32", True, True, "cuda", "fp32")])
+def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch, requested, native, cuda_bf16, device, want) -> None:
+    """train.dtype=auto: bf16 on a GPU that has it or a CPU with AVX-512 BF16 / AMX; an explicit dtype stays."""
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    assert kernels.resolve_dtype(requested, torch.device(device)) == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from coe_dist.config import load_config
 from coe_dist.data.loader import build_data
@@ -16,11 +17,16 @@ FAST = ("train.dtype=fp32", "log.log_interval=1", "log.eval_batches=0", "data.nu
 
 def test_tiny_lm_learns(tmp_path):
     """The README's job, shortened: loss on the embedded corpus falls well below its start."""
-    run_train(2, tmp_path, "train.steps=60", "log.log_interval=1", "log.eval_interval=60")
+    proc = run_train(2, tmp_path, "train.steps=60", "log.log_interval=1", "log.eval_interval=60")
     curve = losses(tmp_path)
     first, last = curve[1], curve[60]
     assert last < 0.5 * first, curve
     assert (tmp_path / "checkpoints" / "step_60" / "meta.json").is_file()
+    # train.dtype: auto (the tiny config's) trained in bf16 only where this CPU has it natively, and said so
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    want = "bf16" if torch.cuda.is_available() or {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["dtype"] == want
+    assert f" dtype={want} " in proc.stdout
 
 
 def test_bf16_first_step_loss_within_2_percent_of_fp32(tmp_path):

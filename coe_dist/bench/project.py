@@ -69,7 +69,7 @@ def dense_flops_per_token(cfg: RunConfig) -> float:
 def workload(cfg: RunConfig, ep: int, tokens: int, distinct_ranks: float | None = None,
              node_ranks: int = 8) -> Workload:
     m = cfg.moe
-    dtype = cfg.train.dtype
+    dtype = "bf16" if cfg.train.dtype == "auto" else cfg.train.dtype  # auto: what a GPU trains in
     return Workload(iterations=m.iterations, top_k=m.top_k, num_experts=m.num_experts, hidden=cfg.model.hidden_size,
                     expert_hidden=m.expert_hidden_size, tokens=tokens, ep_size=ep,
                     num_shared_experts=m.num_shared_experts, layers=cfg.model.num_layers - cfg.model.first_k_dense,

@@ -59,11 +59,12 @@ def matching_profile(device: torch.device, requested: str | None) -> Profile | N
 def _context(cfg: RunConfig, *, profile: str | None, out_dir: Path, steps: int) -> Context:
     from coe_dist.bench.comm import node_layout
     from coe_dist.launcher import discover, init_distributed, pick_backend
-    from coe_dist.train.loop import pick_device
+    from coe_dist.train.loop import pick_device, with_dtype_for
 
     penv = discover()
     check_world(cfg, penv.world_size)  # before any process group
     device = pick_device(cfg.train.device, penv.local_rank)
+    cfg = with_dtype_for(cfg, device)
     backend = pick_backend(cfg.parallel.backend, device.type)
     init_distributed(penv, backend, cfg.parallel.timeout_s)
     hosts, ranks_per_node = node_layout()
@@ -99,7 +100,7 @@ def run(cfg: RunConfig, *, items: list[str], out_dir: Path, json_path: Path, pro
     ctx = _context(cfg, profile=profile, out_dir=out_dir, steps=steps)
     say = (lambda line: print(line, flush=True)) if ctx.rank == 0 else (lambda line: None)
     say(f"check: world {ctx.world} ({len(set(ctx.hosts))} node(s)), ep {ctx.ep_size}, {ctx.backend} on "
-        f"{ctx.device}, {cfg.train.dtype}; profile {ctx.profile.name if ctx.profile else 'none'}"
+        f"{ctx.device}, {ctx.cfg.train.dtype}; profile {ctx.profile.name if ctx.profile else 'none'}"
         + (f"; {ctx.busy}: speed below the profile only warns" if ctx.busy else ""))
     verdicts = []
     for name in items:

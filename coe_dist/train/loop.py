@@ -20,6 +20,7 @@ good state saved, or skip the step (train.nan_policy); router collapse is warned
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from coe_dist.atomic_file import DISK_ERRNOS, write_atomic
 from coe_dist.config import ConfigError, RunConfig, check_world
 from coe_dist.errors import UserError
 from coe_dist.faults import fault_point
-from coe_dist.kernels import bf16_on_cpu_warning, kernel_report
+from coe_dist.kernels import bf16_on_cpu_warning, kernel_report, resolve_dtype
 from coe_dist.launcher import ProcessEnv, discover, init_distributed, pick_backend
 from coe_dist.model import CoETransformer
 from coe_dist.train import checkpoint, guards, memory, rundir
@@ -105,6 +106,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def with_dtype_for(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """train.dtype=auto resolved for this device (bf16 or fp32): the run's config.yaml and checkpoints record
+    what it trained in."""
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    return cfg if dtype == cfg.train.dtype else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                                                   dtype=dtype))
+
+
 def say(penv: ProcessEnv, message: str) -> None:
     if penv.rank == 0:
         print(message, flush=True)
@@ -128,6 +137,7 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
     restarted = faults.restart_count() > 0
     rundir.preflight(cfg, resume, overwrite, restarted)
     device = pick_device(cfg.train.device, penv.local_rank)
+    cfg = with_dtype_for(cfg, device)
     memory.check_fits(cfg, penv, device)
     lock = rundir.RunLock(run_dir)
     if penv.rank == 0:  # before the process group: a second run on this directory stops here
