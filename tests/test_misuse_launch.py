@@ -216,24 +216,31 @@ def test_a_trainers_user_error_is_one_line_with_its_exit_code(jobs) -> None:
     assert job.left == []
 
 
+_STOP_SCENARIO = """
+import signal, subprocess, sys, time
+from coe_dist import local_launch
+ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+older = subprocess.Popen([sys.executable, "-c", ignores_term])
+others = set(local_launch._children())  # what the agent records before it starts the trainers
+trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+time.sleep(0.5)  # both running
+start = time.monotonic()
+local_launch._stop_children(signal.SIGTERM, timeout_s=20, ignore=others)
+print(f"took={time.monotonic() - start:.1f} trainer_exit={trainer.poll()} older_exit={older.poll()}")
+older.kill()
+"""
+
+
 def test_a_stop_waits_for_the_trainers_not_for_older_children() -> None:
     """A launch script that exec's into the agent leaves it the script's helpers as children (once: the TMPDIR
     watcher, which ignores SIGTERM until the launcher is gone). A stop forwards the signal to the trainers and
-    waits for them; a child that was there before the agent ran is neither signalled nor waited for."""
-    ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    older = subprocess.Popen([sys.executable, "-c", ignores_term])
-    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        time.sleep(0.5)  # both running
-        start = time.monotonic()
-        with local_launch._signals_restored():
-            local_launch._stop_children(signal.SIGTERM, timeout_s=20, ignore={older.pid})
-        assert time.monotonic() - start < 5
-        assert trainer.poll() is not None and older.poll() is None  # the trainer reaped (by the stop), the other not
-    finally:
-        for proc in (older, trainer):
-            proc.kill()
-            proc.wait()
+    waits for them; a child that was there before the agent ran is neither signalled nor waited for.
+    In a process of its own: a stop signals every child of the process it runs in, and pytest's are not ours."""
+    done = subprocess.run([sys.executable, "-c", _STOP_SCENARIO], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    took, trainer_exit, older_exit = (field.split("=")[1] for field in done.stdout.split())
+    assert float(took) < 5, done.stderr[-2000:]
+    assert trainer_exit != "None" and older_exit == "None", done.stdout  # trainer reaped by the stop, the other runs
 
 
 def test_a_rank_that_dies_is_named(jobs) -> None:
