@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -196,7 +197,7 @@ class Result:
     seeds: list[int] | None = None  # the seed of each entry of finals
     wall_s: list[float | None] | None = None  # harness wall time per seed (None: not run by this harness)
     max_load: list[float | None] | None = None  # per seed: worst (layer, iteration) busiest-expert load / mean
-    machines: list[str] | None = None  # per seed: machine_label() of the hardware and dtype it trained with
+    machine: str = ""  # machine_label() of the hardware and dtype every seed trained with
 
     @property
     def mean(self) -> float:
@@ -243,14 +244,16 @@ def run_record(name: str, run_dir: Path) -> dict:
 
 
 def result_of(name: str, records: list[dict]) -> Result:
-    """One config's row from its runs' records (any order)."""
+    """One config's row from its runs' records (any order), all trained on one machine_label()."""
     records = sorted(records, key=lambda r: r["seed"])
+    machines = {label_of(r) for r in records}
+    if len(machines) > 1:
+        raise ValueError(f"{name}: seeds trained on {sorted(machines)}: a row holds the runs of one machine")
     tps = [r["tokens_per_s"] for r in records if r["tokens_per_s"] is not None]
     return Result(name, [r["final"] for r in records], [[tuple(c) for c in r["curve"]] for r in records],
                   records[0]["params"], records[0]["expert_params"], max(r["peak_mib"] for r in records),
                   statistics.median(tps) if tps else math.nan, [r["seed"] for r in records],
-                  [r["wall_s"] for r in records], [r["max_load"] for r in records],
-                  [machine_label(r.get("machine"), r.get("dtype")) for r in records])
+                  [r["wall_s"] for r in records], [r["max_load"] for r in records], machines.pop())
 
 
 def load_result(name: str, dirs: list[Path]) -> Result:
@@ -268,16 +271,24 @@ def machine_label(machine: dict | None, dtype: str | None) -> str:
     return f"{hw}, {dtype or 'dtype not recorded'}"
 
 
+def label_of(record: dict) -> str:
+    return machine_label(record.get("machine"), record.get("dtype"))
+
+
 def update_records(path: Path, new: list[dict]) -> list[dict]:
-    """The records kept at `path` (JSON lines), with `new` replacing those of the same config and seed;
-    written back atomically. Returns them all."""
+    """The records kept at `path` (JSON lines), with `new` replacing those of the same config and seed trained on
+    the same hardware and dtype (a seed trained on other hardware is another run: kept beside it); written back
+    atomically. Returns them all."""
+    def key(r: dict) -> tuple[str, int, str]:
+        return r["config"], r["seed"], label_of(r)
+
     kept = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                kept[(r["config"], r["seed"])] = r
-    kept.update({(r["config"], r["seed"]): r for r in new})
+                kept[key(r)] = r
+    kept.update({key(r): r for r in new})
     records = [kept[k] for k in sorted(kept)]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
@@ -285,10 +296,12 @@ def update_records(path: Path, new: list[dict]) -> list[dict]:
 
 
 def results_of(records: list[dict]) -> list[Result]:
-    by_config: dict[str, list[dict]] = {}
+    """One Result per (machine, config): losses of one model differ between CPUs (kernels differ by ISA) and
+    dtypes by more than the gaps measured here, so a mean or a paired difference never mixes machines."""
+    by_run: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        by_config.setdefault(r["config"], []).append(r)
-    return [result_of(name, rs) for name, rs in by_config.items()]
+        by_run.setdefault((label_of(r), r["config"]), []).append(r)
+    return [result_of(name, rs) for (_, name), rs in by_run.items()]
 
 
 @dataclass
@@ -367,8 +380,32 @@ def verdict(a: Result, b: Result, expected: str) -> str:
 
 
 def summarise(results: list[Result], out_md: Path) -> str:
-    """Table, claims and plot; the markdown goes after `<!-- table -->` in out_md (or is all of it)."""
-    plot = out_md.parent / "repro" / "valid_loss.png"
+    """Per machine (hardware and dtype), most runs first: table, balance, paired differences, verdicts and plot;
+    the markdown goes after `<!-- table -->` in out_md (or is all of it)."""
+    by_machine: dict[str, list[Result]] = {}
+    for r in results:
+        by_machine.setdefault(r.machine, []).append(r)
+    order = sorted(by_machine, key=lambda m: (-sum(len(r.finals) for r in by_machine[m]), m))
+    lines = ["Losses are compared only between runs trained on the same hardware and dtype (kernels differ by ISA): "
+             "one section per machine."]
+    for machine in order:
+        runs = sum(len(r.finals) for r in by_machine[machine])
+        plot = out_md.parent / "repro" / f"valid_loss-{slug(machine)}.png"
+        section = machine_section(by_machine[machine], plot, out_md)
+        lines += ["", f"### Trained on {machine}: {runs} run{'s' if runs != 1 else ''}", "", *section]
+    text = "\n".join(lines) + "\n"
+    old = out_md.read_text() if out_md.is_file() else ""
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(old.split("<!-- table -->")[0] + "<!-- table -->\n" + text if "<!-- table -->" in old else text)
+    return text
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def machine_section(results: list[Result], plot: Path, out_md: Path) -> list[str]:
+    """The markdown of one machine's runs."""
     plot_curves(results, plot)
     lines = ["| config | final valid loss, mean ± standard error (seeds) | per seed | params (experts) | "
              "peak RSS rank 0 (MiB) | tokens/s (median) | wall time per run (s) |", "|---|---|---|---|---|---|---|"]
@@ -379,12 +416,6 @@ def summarise(results: list[Result], out_md: Path) -> str:
                      f"{r.params / 1e6:.2f} M ({r.expert_params / 1e6:.2f} M) | {r.peak_mib:.0f} | "
                      f"{r.tokens_per_s:,.0f} | {walls} |")
     by_name = {r.name: r for r in results}
-    per_machine: dict[str, int] = {}
-    for r in results:
-        for m in r.machines or ["machine not recorded"]:
-            per_machine[m] = per_machine.get(m, 0) + 1
-    lines += ["", "Trained on: " + "; ".join(f"{m}: {n} runs" for m, n in sorted(per_machine.items())) +
-              " (compare losses only between runs on the same hardware and dtype)."]
     lines += ["", f"Expert balance at the end (the busiest expert's load over the mean, worst layer and iteration, "
               f"mean of the last {BALANCE_WINDOW} logging steps; 1 = perfect):", "",
               "| config | worst max/mean load, mean over seeds | per seed |", "|---|---|---|"]
@@ -412,12 +443,9 @@ def summarise(results: list[Result], out_md: Path) -> str:
             lower = f"{sum(x < 0 for x in p.diffs)} of {len(p.diffs)}" if p.diffs else "-"
             lines.append(f"| {claim} | {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({d.seeds} {d.kind}) | "
                          f"{interval} | {lower} | {verdict(ra, rb, expected)} |")
-    lines += ["", f"![validation loss against step]({plot.relative_to(out_md.parent)})"]
-    text = "\n".join(lines) + "\n"
-    old = out_md.read_text() if out_md.is_file() else ""
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(old.split("<!-- table -->")[0] + "<!-- table -->\n" + text if "<!-- table -->" in old else text)
-    return text
+    if plot.is_file():
+        lines += ["", f"![validation loss against step]({plot.relative_to(out_md.parent)})"]
+    return lines
 
 
 def plot_curves(results: list[Result], path: Path) -> None:

@@ -25,6 +25,9 @@ sys.modules["repro"] = repro  # dataclasses look their module up there
 spec.loader.exec_module(repro)
 
 
+UNKNOWN_SLUG = "machine-not-recorded-dtype-not-recorded"  # runs whose run_info.json names no machine
+
+
 def fake_run(root: Path, name: str, seed: int, curve: list[tuple[int, float]], finished: bool = True) -> None:
     d = root / f"{name}-seed{seed}"
     d.mkdir(parents=True)
@@ -77,7 +80,7 @@ def test_summary_table_and_verdicts(tmp_path):
     assert not any("inner residual" in r for r in rows)  # no runs of that ablation: no row
     written = out.read_text()
     assert written.startswith("# intro kept\n<!-- table -->\n") and "old table" not in written
-    assert (tmp_path / "docs" / "repro" / "valid_loss.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "repro" / f"valid_loss-{UNKNOWN_SLUG}.png").stat().st_size > 1000
     coe = repro.load_result("coe-2-4of64", groups["coe-2-4of64"])
     assert (coe.params, coe.expert_params) == (1000, 600)
 
@@ -162,8 +165,8 @@ def test_worst_load_averages_the_last_logging_steps_then_takes_the_worst():
 
 def test_records_outlive_the_run_directories(tmp_path, monkeypatch):
     """--summarise keeps one record per run next to the table: a seed whose directory is gone still counts, a
-    rerun of the same config and seed replaces its record, and a record kept without a curve is tabulated but
-    not plotted."""
+    rerun of the same config and seed on the same machine replaces its record (on another machine it is another
+    run, in that machine's section), and a record kept without a curve is tabulated but not plotted."""
     runs, out = tmp_path / "runs", tmp_path / "docs" / "repro.md"
     fake_run(runs, "coe-2-4of64", 1, [(10, 3.0), (20, 2.00)])
     fake_run(runs, "coe-2-4of64", 2, [(10, 3.2), (20, 2.10)])
@@ -186,11 +189,44 @@ def test_records_outlive_the_run_directories(tmp_path, monkeypatch):
         f.write(json.dumps({**kept[0], "seed": 3, "final": 2.5, "curve": [[20, 2.5]], "wall_s": 7.0}) + "\n")
     assert repro.main() == 0
     text = out.read_text()
+    unknown, epyc = text.split("### Trained on AMD EPYC (avx2, 2 cores), fp32: 1 run\n")
     # 2.00, 2.30, 2.50: mean 2.2667, stdev 0.25166 / sqrt 3 = 0.1453
-    assert "| coe-2-4of64 | 2.2667 ± 0.1453 (3) | 2.0000, 2.3000, 2.5000 |" in text
-    assert "Trained on: machine not recorded, dtype not recorded: 3 runs" in text
-    assert "AMD EPYC" not in text  # the rerun of seed 2 replaced the record that named the machine
-    assert (tmp_path / "docs" / "repro" / "valid_loss.png").stat().st_size > 1000
+    assert "### Trained on machine not recorded, dtype not recorded: 3 runs" in unknown
+    assert "| coe-2-4of64 | 2.2667 ± 0.1453 (3) | 2.0000, 2.3000, 2.5000 |" in unknown
+    assert "| coe-2-4of64 | 2.1000 ± nan (1) | 2.1000 |" in epyc  # the earlier seed 2, trained elsewhere: kept
+    kept = [json.loads(line) for line in records_at.read_text().splitlines()]
+    assert sorted((r["seed"], r["final"]) for r in kept) == [(1, 2.0), (2, 2.1), (2, 2.3), (3, 2.5)]
+    assert (tmp_path / "docs" / "repro" / f"valid_loss-{UNKNOWN_SLUG}.png").stat().st_size > 1000
+
+
+def test_no_mean_or_paired_difference_mixes_machines(tmp_path):
+    """The same config and seed trained on two machines are two runs; a claim's pair is formed within a machine.
+    By hand: on the EPYC, coe - moe per seed = -0.10, -0.20 (mean -0.15); on the Xeon coe alone (no pair)."""
+    epyc = {"cpu": "AMD EPYC", "cpu_isa": "avx2", "cores": 2, "gpu": None}
+    xeon = {"cpu": "Intel Xeon", "cpu_isa": "amx_bf16", "cores": 2, "gpu": None}
+
+    def rec(config: str, seed: int, final: float, machine: dict, dtype: str) -> dict:
+        return {"config": config, "seed": seed, "final": final, "curve": [[20, final]], "params": 1,
+                "expert_params": 1, "peak_mib": 1.0, "tokens_per_s": 1.0, "wall_s": None, "max_load": None,
+                "dtype": dtype, "machine": machine}
+
+    records = repro.update_records(tmp_path / "runs.jsonl", [
+        rec("coe-2-4of64", 1, 2.0, epyc, "fp32"), rec("coe-2-4of64", 2, 2.1, epyc, "fp32"),
+        rec("moe-8of64", 1, 2.1, epyc, "fp32"), rec("moe-8of64", 2, 2.3, epyc, "fp32"),
+        rec("coe-2-4of64", 1, 9.0, xeon, "bf16"), rec("coe-2-4of64", 2, 9.5, epyc, "bf16")])
+    assert len(records) == 6  # none replaced another: machine or dtype differ
+    results = repro.results_of(records)
+    assert sorted((r.machine, r.name, len(r.finals)) for r in results) == [
+        ("AMD EPYC (avx2, 2 cores), bf16", "coe-2-4of64", 1), ("AMD EPYC (avx2, 2 cores), fp32", "coe-2-4of64", 2),
+        ("AMD EPYC (avx2, 2 cores), fp32", "moe-8of64", 2), ("Intel Xeon (amx_bf16, 2 cores), bf16", "coe-2-4of64", 1)]
+    out = tmp_path / "repro.md"
+    text = repro.summarise(results, out)
+    fp32 = text.split("### Trained on AMD EPYC (avx2, 2 cores), fp32: 4 runs\n")[1].split("### ")[0]
+    assert "| -0.1500 ± 0.0500 (2 paired) |" in fp32
+    assert text.count("CoE-2(4/64) beats MoE(8/64)") == 1  # no pair on the other machines
+    with pytest.raises(ValueError, match="a row holds the runs of one machine"):
+        repro.result_of("coe-2-4of64", [rec("coe-2-4of64", 1, 2.0, epyc, "fp32"),
+                                        rec("coe-2-4of64", 2, 9.0, xeon, "bf16")])
 
 
 def test_machine_label():
