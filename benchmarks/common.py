@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from coe_dist.atomic_file import write_atomic
 from coe_dist.bench.machine import cpu_model, load_average
 
 
@@ -151,9 +152,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_json(path: str | Path, data: dict) -> Path:
+    """The results, with the machine they were measured on (times and losses compare only within one machine),
+    written whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    data = {**data, "environment": data.get("environment") or environment()}
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
 
 

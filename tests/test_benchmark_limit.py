@@ -3,6 +3,7 @@ dtype, checked against numbers computed here by hand."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -52,3 +53,15 @@ def test_train_step_flops_split_by_dtype() -> None:
     fp32 = layers * (2 * d * (L + 1) + C * 2 * d * N)
     assert split["fp32"] == fp32 and math.isclose(fp32 / 1e6, 2.62, abs_tol=0.01)
     assert math.isclose(split["bf16"] / 1e6, 51.92, abs_tol=0.01)
+
+
+def test_every_results_file_names_the_machine_it_was_measured_on(tmp_path) -> None:
+    """Times and losses compare only within one machine: write_json adds the environment where a benchmark did
+    not (the CPU model as /proc/cpuinfo gives it), keeps one a benchmark recorded, and writes the file whole."""
+    out = common.write_json(tmp_path / "r.json", {"rows": [1]})
+    written = json.loads(out.read_text())
+    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    assert written["rows"] == [1] and written["environment"]["cpu"] == cpu
+    assert written["environment"]["torch"] == torch.__version__
+    kept = json.loads(common.write_json(tmp_path / "r.json", {"environment": {"cpu": "given"}}).read_text())
+    assert kept["environment"] == {"cpu": "given"} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
