@@ -1,5 +1,6 @@
-"""All-to-all bytes per token of the real CoE layer under *learned* routing: copies vs dedup vs dedup + placement
-by co-selection (+ fp8), ep 2, 4, 8.
+"""All-to-all bytes per token of the real CoE layer under *learned* routing: copies vs dedup (+ fp8) vs dedup +
+placement by co-selection (+ fp8), ep 2, 4, 8. A run trained with device-limited routing (moe.routing_groups)
+gets copies and dedup (+ fp8) only: its routing bounds the ranks a token reaches, placement would undo that.
 
     torchrun --standalone --nproc_per_node=8 benchmarks/learned_bytes.py \
         "CoE-2(4/64)=runs/repro/coe-2-4of64-seed1" "MoE(8/64)=runs/repro/moe-8of64-seed2"
@@ -40,7 +41,7 @@ from coe_dist.train import coselection
 from coe_dist.train.checkpoint import resolve_checkpoint
 from coe_dist.train.placement import make_plan
 
-MODES = {"copies": ("copies", "bf16", False), "dedup": ("dedup", "bf16", False),
+MODES = {"copies": ("copies", "bf16", False), "dedup": ("dedup", "bf16", False), "dedup+fp8": ("dedup", "fp8", False),
          "dedup+placement": ("dedup", "bf16", True), "dedup+placement+fp8": ("dedup", "fp8", True)}
 
 
@@ -74,7 +75,7 @@ def measure(stats: dict, cfg: dict, P: int, mode: str, plan: dict, args, rank: i
     moe = MoEConfig(num_experts=cfg["num_experts"], top_k=cfg["top_k"], iterations=cfg["iterations"],
                     num_shared_experts=cfg["num_shared_experts"], expert_hidden_size=16, ep_size=P,
                     dispatch=dispatch, dispatch_dtype=wire)
-    layers = sorted(int(k) for k in plan["layers"])
+    layers = coselection.layers_in(stats)
     built = []
     for layer_id in layers:
         layer = CoELayer(moe, args.hidden)
@@ -121,8 +122,11 @@ def main() -> None:
         for P in (2, 4, 8):
             if world % P:
                 continue
-            plan = make_plan(stats, layers, cfg["num_experts"], cfg["iterations"], P)
-            for mode in MODES:
+            # Device-limited routing (moe.routing_groups > 1) keeps each token's experts in its best groups of
+            # consecutive experts: placement would scatter the groups over ranks (the config refuses the pair).
+            limited = cfg.get("routing_groups", 1) > 1
+            plan = None if limited else make_plan(stats, layers, cfg["num_experts"], cfg["iterations"], P)
+            for mode in (m for m in MODES if not (limited and MODES[m][2])):
                 mine = measure(stats, cfg, P, mode, plan, args, rank)
                 # time: the slowest rank's (every rank waits for it at the next all-to-all)
                 row = mean_over_ranks(mine, world, slowest=("seconds_median", "a2a_seconds_median"))

@@ -86,6 +86,9 @@ VARIANTS = {
     "auxfree": ("moe.aux_loss_coef=0", "moe.expert_bias_rate=0.001"),
     # device-limited routing: every token's experts on one of the two ranks (a group = one rank's experts)
     "devlim": ("moe.routing_groups=2", "moe.routing_group_topk=1"),
+    # DeepSeek-V2's M of D devices at ep 8: each token's experts in its best 2 of 8 groups of 8 (a group = one rank's
+    # experts at ep 8, half a rank's at ep 4): a token reaches at most 2 ranks at any ep
+    "devlim8": ("moe.routing_groups=8", "moe.routing_group_topk=2"),
     "sigmoid": ("moe.router_score=sigmoid",),
     # the dispatch rows as e4m3 + a scale per row (one row per token and rank); the combine stays in bf16/fp32
     "fp8": ("moe.dispatch=dedup", "moe.dispatch_dtype=fp8"),
