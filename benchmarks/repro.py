@@ -74,8 +74,9 @@ def compact_vocabulary(data: dict[str, Path]) -> tuple[dict[str, Path], int]:
         compact = prefix.with_name(prefix.name + "-compact")
         if not compact.with_suffix(".idx").is_file():
             to_compact[bins[split]].tofile(compact.with_suffix(".bin"))
-            # Same dtype, same token counts: the index (document sizes and byte offsets) is unchanged.
-            compact.with_suffix(".idx").write_bytes(prefix.with_suffix(".idx").read_bytes())
+            # Same dtype, same token counts: the index (document sizes and byte offsets) is unchanged. Written
+            # whole, last: its presence says the .bin is complete.
+            write_atomic(compact.with_suffix(".idx"), prefix.with_suffix(".idx").read_bytes())
         out[split] = compact
     return out, -(-len(used) // 64) * 64
 
@@ -86,9 +87,10 @@ VARIANTS = {
     "auxfree": ("moe.aux_loss_coef=0", "moe.expert_bias_rate=0.001"),
     # device-limited routing: every token's experts on one of the two ranks (a group = one rank's experts)
     "devlim": ("moe.routing_groups=2", "moe.routing_group_topk=1"),
-    # DeepSeek-V2's M of D devices at ep 8: each token's experts in its best 2 of 8 groups of 8 (a group = one rank's
-    # experts at ep 8, half a rank's at ep 4): a token reaches at most 2 ranks at any ep
-    "devlim8": ("moe.routing_groups=8", "moe.routing_group_topk=2"),
+    # DeepSeek-V2's M of D devices at ep 8: each token's experts in its best 2 (or 1) of 8 groups of 8 (a group = one
+    # rank's experts at ep 8, half a rank's at ep 4): a token reaches at most 2 (1) ranks at any ep
+    "devlim2of8": ("moe.routing_groups=8", "moe.routing_group_topk=2"),
+    "devlim1of8": ("moe.routing_groups=8", "moe.routing_group_topk=1"),
     "sigmoid": ("moe.router_score=sigmoid",),
     # the dispatch rows as e4m3 + a scale per row (one row per token and rank); the combine stays in bf16/fp32
     "fp8": ("moe.dispatch=dedup", "moe.dispatch_dtype=fp8"),
@@ -162,7 +164,7 @@ def continuation_start(name: str, seed: int, steps: int, train_source) -> Path:
 def record_wall_time(run_dir: Path, seconds: float) -> None:
     path = run_dir / WALL
     total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-    path.write_text(json.dumps({"seconds": total + seconds}))
+    write_atomic(path, json.dumps({"seconds": total + seconds}))
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -399,7 +401,8 @@ def summarise(results: list[Result], out_md: Path) -> str:
     text = "\n".join(lines) + "\n"
     old = out_md.read_text() if out_md.is_file() else ""
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(old.split("<!-- table -->")[0] + "<!-- table -->\n" + text if "<!-- table -->" in old else text)
+    marker = "<!-- table -->"
+    write_atomic(out_md, old.split(marker)[0] + marker + "\n" + text if marker in old else text)
     return text
 
 
@@ -433,19 +436,20 @@ def machine_section(results: list[Result], plot: Path, out_md: Path) -> list[str
         if d.diffs:
             per_seed = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(d.seeds, d.diffs, strict=True))
             lines.append(f"| {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({len(d.diffs)}) | {per_seed} |")
-    lines += ["", "Verdicts: A - B with a two-sided 95% Student-t interval, paired over the seeds both configs ran "
-              "(unpaired where they share fewer than two); a claim holds when the interval excludes zero.", "",
-              "| paper's claim | A | B | A - B, mean ± standard error (seeds) | 95% interval | seeds with A < B "
-              "| here |", "|---|---|---|---|---|---|---|"]
-    for a, b, expected, claim in CLAIMS:
-        if a in by_name and b in by_name:
-            ra, rb = by_name[a], by_name[b]
-            d, p = difference(ra, rb), paired(ra, rb)
-            interval = "-" if math.isnan(d.half_width) else \
-                f"{d.mean - d.half_width:+.4f} to {d.mean + d.half_width:+.4f}"
-            lower = f"{sum(x < 0 for x in p.diffs)} of {len(p.diffs)}" if p.diffs else "-"
-            lines.append(f"| {claim} | {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({d.seeds} {d.kind}) | "
-                         f"{interval} | {lower} | {verdict(ra, rb, expected)} |")
+    claims = [(a, b, expected, claim) for a, b, expected, claim in CLAIMS if a in by_name and b in by_name]
+    if claims:
+        lines += ["", "Verdicts: A - B with a two-sided 95% Student-t interval, paired over the seeds both configs "
+                  "ran (unpaired where they share fewer than two); a claim holds when the interval excludes zero.", "",
+                  "| paper's claim | A | B | A - B, mean ± standard error (seeds) | 95% interval | seeds with A < B "
+                  "| here |", "|---|---|---|---|---|---|---|"]
+    for a, b, expected, claim in claims:
+        ra, rb = by_name[a], by_name[b]
+        d, p = difference(ra, rb), paired(ra, rb)
+        interval = "-" if math.isnan(d.half_width) else \
+            f"{d.mean - d.half_width:+.4f} to {d.mean + d.half_width:+.4f}"
+        lower = f"{sum(x < 0 for x in p.diffs)} of {len(p.diffs)}" if p.diffs else "-"
+        lines.append(f"| {claim} | {a} | {b} | {d.mean:+.4f} ± {d.stderr:.4f} ({d.seeds} {d.kind}) | "
+                     f"{interval} | {lower} | {verdict(ra, rb, expected)} |")
     if plot.is_file():
         lines += ["", f"![validation loss against step]({plot.relative_to(out_md.parent)})"]
     return lines

@@ -124,9 +124,13 @@ def test_cost_model_takes_measured_distinct_ranks(tmp_path):
         1.5 / uniform.rows_per_token)
     assert dataclasses.replace(placed, dispatch="copies").rows_per_token == 3  # copies ignores it
     rows = [{"model": "CoE-2(4/64)", "ep": 8, "mode": "dedup+placement", "rows_per_token_iteration": 1.75},
-            {"model": "CoE-2(4/64)", "ep": 8, "mode": "dedup", "rows_per_token_iteration": 2.5}]
+            {"model": "CoE-2(4/64)", "ep": 8, "mode": "dedup", "rows_per_token_iteration": 2.5},
+            {"model": "CoE-2(4/64) devlim 2 of 8", "ep": 4, "mode": "dedup", "rows_per_token_iteration": 1.5}]
     (tmp_path / "l.json").write_text(json.dumps({"rows": rows}))
     assert learned_distinct_ranks(tmp_path / "l.json") == {("CoE-2(4/64)", 8): pytest.approx(2.0)}  # 1.75 * 8/7
+    # the device-limited run's dedup rows, under the plain model's label: 1.5 * 4/3
+    assert learned_distinct_ranks(tmp_path / "l.json", "dedup", "devlim 2 of 8") == {
+        ("CoE-2(4/64)", 4): pytest.approx(2.0)}
     assert learned_distinct_ranks(tmp_path / "missing.json") == {}
 
 

@@ -481,11 +481,13 @@ instead of 2d). Under uniform routing a token reaches P * (1 - C(N - N/P, K) / C
 the busiest rank), {modes_k['coe'][1]:.2f} rows instead of {modes_k['coe'][0]} routed copies for CoE-2(4/64) and
 {modes_k['moe'][1]:.2f} instead of {modes_k['moe'][0]} for MoE(8/64) (the shared expert is local; with 64 routed
 experts and K = 4 or 8: 3.38 and 5.43). The slots travel in the rows' own all-to-all call. Columns: copies
-(the first table's numbers), dedup, dedup + fp8, and dedup + placement: the distinct ranks per token measured
+(the first table's numbers), dedup, dedup + fp8, dedup + placement: the distinct ranks per token measured
 under learned routing with experts placed by co-selection (`benchmarks/learned_bytes.py` on the repro runs'
-recorded choices, 64 routed experts, the same K as here; `docs/performance.md`), used where such a measurement
-exists for that ep (ep 8 and below); elsewhere the column repeats dedup. It carries the small models' routing
-statistics over to the paper's width: an assumption, not a measurement at that scale.
+recorded choices, 64 routed experts, the same K as here; `docs/performance.md`), and dedup + devlim: the same
+measured on runs trained with device-limited routing (`moe.routing_groups=8 moe.routing_group_topk=2`: each
+token's experts in its best 2 of 8 groups, so on at most 2 ranks), no placement. Both are used where such a
+measurement exists for that ep (ep 8 and below); elsewhere the column repeats dedup. They carry the small
+models' routing statistics over to the paper's width: an assumption, not a measurement at that scale.
 
 Expert-parallel group inside one NVLink node (`--ep-size node`, ep = 8):
 
@@ -525,29 +527,34 @@ larger K has more copies per node to merge. Uniform routing only: no placement m
 
 
 DISPATCH_MODES = {"copies": ("copies", "bf16"), "dedup": ("dedup", "bf16"), "dedup+fp8": ("dedup", "fp8"),
-                  "dedup+placement": ("dedup", "bf16"), "node_dedup": ("node_dedup", "bf16")}
+                  "dedup+placement": ("dedup", "bf16"), "dedup+devlim": ("dedup", "bf16"),
+                  "node_dedup": ("node_dedup", "bf16")}
 LEARNED = ROOT / "benchmarks" / "results" / "learned_bytes.json"
+# The measured runs behind the modes that take distinct ranks from learned routing: (learned_bytes mode, the
+# variant named after the model label in learned_bytes' NAME=RUN_DIR, "" for the plain run)
+MEASURED_MODES = {"dedup+placement": ("dedup+placement", ""), "dedup+devlim": ("dedup", "devlim 2 of 8")}
 
 
-def learned_distinct_ranks(path: Path = LEARNED) -> dict[tuple[str, int], float]:
-    """(model label, ep) -> distinct ranks per token measured under learned routing with experts placed by
-    co-selection (benchmarks/learned_bytes.py: rows to other ranks x P / (P - 1)); empty without the file."""
+def learned_distinct_ranks(path: Path = LEARNED, mode: str = "dedup+placement",
+                           variant: str = "") -> dict[tuple[str, int], float]:
+    """(model label, ep) -> distinct ranks per token measured under learned routing (benchmarks/learned_bytes.py:
+    rows to other ranks x P / (P - 1)) in `mode`, of the runs named "<label> <variant>"; empty without the file."""
     if not path.is_file():
         return {}
     rows = json.loads(path.read_text())["rows"]
-    return {(r["model"], r["ep"]): r["rows_per_token_iteration"] * r["ep"] / (r["ep"] - 1)
-            for r in rows if r["mode"] == "dedup+placement"}
+    return {(r["model"].partition(" ")[0], r["ep"]): r["rows_per_token_iteration"] * r["ep"] / (r["ep"] - 1)
+            for r in rows if r["mode"] == mode and r["model"].partition(" ")[2] == variant}
 
 
 def dispatch_projections(profile, coe, moe, gpus: list[int], ep_mode: str) -> dict[str, list[dict]]:
     """The projection of both models under each dispatch mode (moe.dispatch, moe.dispatch_dtype). The placement
-    mode takes the measured distinct ranks where there is a measurement for that ep (else uniform routing's,
-    i.e. the dedup column)."""
+    and device-limited modes take the measured distinct ranks where there is a measurement for that model and
+    ep (else uniform routing's, i.e. the dedup column)."""
     out = {}
     for mode, (dispatch, wire) in DISPATCH_MODES.items():
         models = [dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch, dispatch_dtype=wire))
                   for cfg in (coe, moe)]
-        measured = learned_distinct_ranks() if mode == "dedup+placement" else None
+        measured = learned_distinct_ranks(LEARNED, *MEASURED_MODES[mode]) if mode in MEASURED_MODES else None
         out[mode] = project.project(profile, models, gpus, ep_mode=ep_mode, distinct_ranks=measured)
     return out
 
