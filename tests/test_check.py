@@ -157,5 +157,7 @@ def test_gpu_check_script_on_cpu_says_no_cuda_and_writes_json(tmp_path):
     assert result["cuda"] is False and set(result["parts"]) == {"check", "megatron", "train_step"}
     assert result["parts"]["check"]["exit_code"] == 0
     assert [v["item"] for v in result["check"]["items"]] == ["versions", "kernels", "disk"]
-    assert result["megatron_layer"] == {"cuda": False} and result["train_step"] == {"cuda": False}
+    for part in ("megatron_layer", "train_step"):  # a CPU-only run says so, and names the machine it ran on
+        assert result[part]["cuda"] is False and set(result[part]) == {"cuda", "environment"}, result[part]
+        assert result[part]["environment"]["cpu_count"] >= 1 and result[part]["environment"]["torch"]
     assert not list(tmp_path.glob("gpu-check.*")), "the script removes its work directory"
