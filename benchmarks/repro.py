@@ -367,9 +367,11 @@ class Difference:
 
 def difference(a: Result, b: Result) -> Difference:
     d = paired(a, b)
-    if len(d.diffs) > 1:
-        return Difference(d.mean, d.stderr, len(d.diffs), "paired")
     n = min(len(a.finals), len(b.finals))
+    # One shared seed where one side has a single seed: no interval either way, and the same-seed difference is
+    # the estimate; the difference of means would set one config's easy seed against the other's hard one.
+    if len(d.diffs) > 1 or (d.diffs and n < 2):
+        return Difference(d.mean, d.stderr if len(d.diffs) > 1 else math.nan, len(d.diffs), "paired")
     return Difference(a.mean - b.mean, math.hypot(a.stderr, b.stderr), n, "unpaired")
 
 

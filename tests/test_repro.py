@@ -264,6 +264,11 @@ def test_verdict_reversed_unequal_unpaired_and_one_seed():
     one_b = repro.Result("b", [1.0], [], 1, 1, 0.0, 0.0, seeds=[1])
     assert repro.verdict(one_b, one_a, "lower") == "not resolved at 1 seed"
     assert repro.verdict(one_b, one_a, "equal") == "holds: no difference resolved at 1 seed"
+    # one seed in common with a config of one seed: the same-seed difference (-1.0), not the difference of the
+    # means (-1.1, which brings in a's seeds 2 and 3)
+    d = repro.difference(one_b, a)
+    assert (d.kind, d.seeds, d.mean) == ("paired", 1, pytest.approx(-1.0)) and math.isnan(d.stderr)
+    assert repro.verdict(one_b, a, "lower") == "not resolved at 1 seed"
     # the t table: tabulated, between entries (the smaller dof, wider), and large samples
     assert (repro.t_975(4), repro.t_975(11), repro.t_975(100)) == (2.776, 2.228, 1.960)
 
