@@ -14,7 +14,9 @@ loss, size, speed, balance, machine and dtype; docs/repro/runs.jsonl in git), an
 lines kept there: seeds trained on another day or machine still count, and run directories need not outlive the
 machine. A config name may carry variants, `NAME+VARIANT[+VARIANT]` (VARIANTS below: a set of
 `--set` overrides on configs/repro/NAME.yaml). Runs that already finished (their metrics.jsonl reaches the
-last step) are not rerun; an interrupted one continues from its last checkpoint (--resume auto).
+last step) are not rerun; an interrupted one continues from its last checkpoint (--resume auto). Both only where
+the run directory was trained with the settings asked for: one trained otherwise (another --set, variant or
+--steps) stops the driver before anything trains; `--runs DIR` keeps such runs apart (e.g. fp32 runs).
 A continuation `NAME@HOW` (CONTINUATIONS below) trains configs/repro/NAME.yaml for --continue-steps steps from a
 finished run of the same seed (trained first if missing): `train --init-from`, its weights with a fresh optimizer
 and schedule; @upcycled first turns the MoE run into a CoE checkpoint (`convert import --from-checkpoint`).
@@ -121,18 +123,51 @@ def config_and_overrides(name: str) -> tuple[Path, list[str]]:
     return config, [o for v in variants for o in VARIANTS[v]]
 
 
+def run_overrides(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
+                  run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The `--set` overrides of one run: its seed, length, data and paths, then the variant's, then --set's."""
+    return [f"train.seed={seed}", f"train.steps={steps}", f"log.run_dir={run_dir}",
+            f"data.dataset={data['train']}", f"data.valid_dataset={data['test']}", f"data.tokenizer={tokenizer}",
+            f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}",
+            f"log.eval_interval={max(1, steps // 6)}", f"log.save_interval={max(1, steps // 6)}",
+            "log.keep_last=1", *config_and_overrides(name)[1], *extra]
+
+
+# What a run computes: a run directory trained with other values in these sections is another experiment.
+FUNCTION_SECTIONS = ("model", "moe", "optim", "train")
+
+
+def settings_mismatch(run_dir: Path, name: str, overrides: list[str]) -> list[str]:
+    """`key: trained X, asked Y` for each setting of FUNCTION_SECTIONS in which the run already in run_dir
+    (its config.yaml) differs from what this call would train; [] for a new directory. Without this check a
+    finished run is skipped, and an interrupted one resumed, whatever --set asks (a bf16 run standing in for
+    the fp32 one asked for)."""
+    from coe_dist.config import load_config
+
+    saved_at = run_dir / "config.yaml"
+    if not saved_at.is_file():
+        return []
+    saved = yaml.safe_load(saved_at.read_text()) or {}
+    asked = json.loads(json.dumps(load_config(config_and_overrides(name)[0], overrides).to_dict()))
+    out = []
+    for section in FUNCTION_SECTIONS:
+        for key, want in asked[section].items():
+            have = saved.get(section, {}).get(key)
+            if key == "init_from" or want == "auto":  # a path of this machine; resolved per device when trained
+                continue
+            if have != want:
+                out.append(f"{section}.{key}: trained {have}, asked {want}")
+    return out
+
+
 def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
           run_dir: Path, init_from: Path | None = None, extra: tuple[str, ...] = ()) -> float:
     """One 2-rank run, resumed from its last checkpoint if it has one; returns the wall time of this attempt
     and adds it to <run_dir>/repro_wall.json."""
-    config, variant = config_and_overrides(name)
+    config, _ = config_and_overrides(name)
     args = [sys.executable, "-m", "coe_dist.cli", "train", "--config", str(config), "--nproc", "2",
             "--resume", "auto", *(["--init-from", str(init_from)] if init_from else [])]
-    for o in (f"train.seed={seed}", f"train.steps={steps}", f"log.run_dir={run_dir}",
-              f"data.dataset={data['train']}", f"data.valid_dataset={data['test']}", f"data.tokenizer={tokenizer}",
-              f"data.cache_dir={CACHE / 'cache'}", f"model.vocab_size={vocab}",
-              f"log.eval_interval={max(1, steps // 6)}", f"log.save_interval={max(1, steps // 6)}",
-              "log.keep_last=1", *variant, *extra):
+    for o in run_overrides(name, seed, steps, data, vocab, tokenizer, run_dir, extra):
         args += ["--set", o]
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -145,16 +180,16 @@ def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, t
     return seconds
 
 
-def continuation_start(name: str, seed: int, steps: int, train_source) -> Path:
+def continuation_start(name: str, seed: int, steps: int, runs: Path, train_source) -> Path:
     """The checkpoint a continuation starts from: the source run (trained by `train_source` if unfinished),
     converted by `convert import --from-checkpoint` for an upcycling."""
     source_name, convert = CONTINUATIONS[name]
-    source = ROOT / "runs" / "repro" / f"{source_name}-seed{seed}"
+    source = runs / f"{source_name}-seed{seed}"
     if not finished(source, steps):
         train_source(source_name, source)
     if convert is None:
         return source
-    init = ROOT / "runs" / "repro" / "init" / f"{name}-seed{seed}"  # not a run: outside the *-seed* glob
+    init = runs / "init" / f"{name}-seed{seed}"  # not a run: outside the *-seed* glob
     if not (init / "checkpoints").is_dir():
         subprocess.run([sys.executable, "-m", "coe_dist.cli", "convert", "import", "--from-checkpoint", str(source),
                         "--output", str(init), "--seed", str(seed), *convert], check=True, cwd=ROOT)
@@ -505,6 +540,8 @@ def main() -> int:
     p.add_argument("--continue-steps", type=int, default=150, help="steps of a continuation (default 150: half "
                    "the runs' tokens again)")
     p.add_argument("--out", default=str(ROOT / "docs" / "repro.md"))
+    p.add_argument("--runs", default=str(ROOT / "runs" / "repro"), help="where the run directories go (default "
+                   "runs/repro); runs of other --set values (e.g. train.dtype=fp32) need a directory of their own")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run, e.g. train.dtype=fp32 where bf16 matmuls are slow (a CPU without "
                         "AVX-512 BF16/AMX); compare only runs trained alike")
@@ -528,10 +565,21 @@ def main() -> int:
     names = args.configs.split(",") if args.configs else sorted(p.stem for p in (ROOT / "configs/repro").glob("*.yaml"))
     for name in names:  # every name checked before the first run starts
         config_and_overrides(name)
+    runs, seeds = Path(args.runs).resolve(), [int(s) for s in args.seeds.split(",")]
+    planned = [(n, s, args.continue_steps if n in CONTINUATIONS else args.steps) for n in names for s in seeds] + \
+        [(CONTINUATIONS[n][0], s, args.steps) for n in names if n in CONTINUATIONS for s in seeds]  # their sources
+    clashes = [f"  {runs / f'{n}-seed{s}'}: " + "; ".join(bad) for n, s, steps in planned
+               if (bad := settings_mismatch(runs / f"{n}-seed{s}", n, run_overrides(
+                   n, s, steps, data, vocab, tokenizer, runs / f"{n}-seed{s}", tuple(args.overrides))))]
+    if clashes:
+        print("repro: these run directories hold runs trained with other settings than asked, and would be "
+              "skipped or resumed as if they were the runs asked for:\n" + "\n".join(clashes) +
+              f"\nfix: give these runs a directory of their own (--runs {runs}-<tag>), or delete those to retrain")
+        return 2
     run_dirs: dict[str, list[Path]] = {}
     for name in names:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            run_dir = ROOT / "runs" / "repro" / f"{name}-seed{seed}"
+        for seed in seeds:
+            run_dir = runs / f"{name}-seed{seed}"
             run_dirs.setdefault(name, []).append(run_dir)
             steps = args.continue_steps if name in CONTINUATIONS else args.steps
             if finished(run_dir, steps):
@@ -544,7 +592,7 @@ def main() -> int:
 
             init = None
             if name in CONTINUATIONS:
-                init = continuation_start(name, seed, args.steps, lambda n, d: run(n, d, args.steps))
+                init = continuation_start(name, seed, args.steps, runs, lambda n, d: run(n, d, args.steps))
             run(name, run_dir, steps, init)
     records = update_records(records_at, [run_record(n, d) for n, ds in run_dirs.items() for d in ds])
     print(summarise(results_of(records), Path(args.out)))

@@ -4,6 +4,7 @@ values, and the paper-scale Slurm driver (slurm/repro.sh) in --dry-run."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from coe_dist.config import load_config
 
@@ -143,15 +145,65 @@ def test_continuations_start_from_the_finished_source_of_the_same_seed(tmp_path,
     trained, converted = [], []
     monkeypatch.setattr(repro.subprocess, "run", lambda args, **kw: converted.append(args))
     runs = tmp_path / "runs" / "repro"
-    start = repro.continuation_start("moe-8of64@continued", 2, 20, lambda n, d: trained.append((n, d)))
+    start = repro.continuation_start("moe-8of64@continued", 2, 20, runs, lambda n, d: trained.append((n, d)))
     assert start == runs / "moe-8of64-seed2" and trained == [("moe-8of64", start)]  # unfinished: trained first
     fake_run(runs, "moe-8of64", 1, [(10, 3.0), (20, 2.5)])
-    start = repro.continuation_start("coe-2-4of64@upcycled", 1, 20, lambda n, d: trained.append((n, d)))
+    start = repro.continuation_start("coe-2-4of64@upcycled", 1, 20, runs, lambda n, d: trained.append((n, d)))
     assert len(trained) == 1 and start == runs / "init" / "coe-2-4of64@upcycled-seed1"
     args = converted[0]
     assert args[args.index("--from-checkpoint") + 1] == str(runs / "moe-8of64-seed1")
     assert args[args.index("--output") + 1] == str(start) and args[-4:] == convert
     assert ("coe-2-4of64@upcycled", "moe-8of64@continued") in repro.comparisons(list(repro.CONTINUATIONS))
+
+
+def test_a_run_trained_with_other_settings_is_not_skipped_or_resumed_as_the_one_asked_for(tmp_path, monkeypatch):
+    """The tired user's mistake: the same --seeds and --configs again with another --set (fp32 where bf16 ran).
+    Every run directory is checked before anything trains, against the config the trainer writes (its own
+    config.yaml, made here by the config loader the trainer uses)."""
+    data, vocab, tok = {"train": tmp_path / "t", "test": tmp_path / "v"}, 128, tmp_path / "tok.json"
+    runs = tmp_path / "runs"
+
+    def trained(name: str, seed: int, steps: int, *extra: str) -> None:
+        run_dir = runs / f"{name}-seed{seed}"
+        run_dir.mkdir(parents=True)
+        over = repro.run_overrides(name, seed, steps, data, vocab, tok, run_dir, extra)
+        cfg = load_config(repro.config_and_overrides(name)[0], over)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict()))))
+
+    trained("coe-2-4of64", 1, 300)
+    trained("moe-8of64", 1, 300, "train.dtype=fp32")
+    trained("moe-8of64@continued", 1, 150)
+
+    def mismatch(name: str, seed: int, steps: int, *extra: str) -> list[str]:
+        run_dir = runs / f"{name}-seed{seed}"
+        return repro.settings_mismatch(run_dir, name, repro.run_overrides(name, seed, steps, data, vocab, tok,
+                                                                          run_dir, extra))
+
+    assert mismatch("coe-2-4of64", 1, 300) == [] and mismatch("coe-2-4of64", 2, 300, "train.dtype=fp32") == []
+    assert mismatch("coe-2-4of64", 1, 300, "train.dtype=fp32") == ["train.dtype: trained bf16, asked fp32"]
+    assert mismatch("moe-8of64", 1, 300) == ["train.dtype: trained fp32, asked bf16"]  # the --set left off
+    assert mismatch("moe-8of64", 1, 300, "train.dtype=auto", "train.dtype=fp32") == []
+    assert mismatch("coe-2-4of64", 1, 300, "train.dtype=auto") == []  # auto: whatever this device resolves it to
+    assert mismatch("coe-2-4of64", 1, 400) == ["train.steps: trained 300, asked 400"]
+    assert mismatch("moe-8of64@continued", 1, 150) == []  # --init-from's path is not a setting of the function
+    assert set(mismatch("coe-2-4of64", 1, 300, *repro.VARIANTS["devlim"])) == {
+        "moe.routing_groups: trained 1, asked 2"}  # routing_group_topk 1 is the default: no clash there
+    # through main: refused before anything trains (train and preprocessing would fail here: no data, no GPU)
+    monkeypatch.setattr(repro, "preprocess", lambda tok: data)
+    monkeypatch.setattr(repro, "compact_vocabulary", lambda d: (d, vocab))
+    monkeypatch.setattr(repro, "SHARED", tmp_path)
+    (tmp_path / "tokenizers").mkdir()
+    (tmp_path / "tokenizers" / "gpt-neox-20b.tokenizer.json").write_text("{}")
+    monkeypatch.setattr(repro, "train", lambda *a, **k: pytest.fail("trained despite the clash"))
+    monkeypatch.setattr(sys, "argv", ["repro.py", "--seeds", "1", "--configs", "coe-2-4of64,moe-8of64@continued",
+                                      "--runs", str(runs), "--out", str(tmp_path / "repro.md")])
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert repro.main() == 2
+    text = out.getvalue()
+    # the continuation's source run, checked before the continuation would train it or start from it
+    assert f"{runs / 'moe-8of64-seed1'}: train.dtype: trained fp32, asked bf16" in text
+    assert "coe-2-4of64-seed1" not in text and f"--runs {runs}-<tag>" in text
 
 
 def test_worst_load_averages_the_last_logging_steps_then_takes_the_worst():
