@@ -6,7 +6,7 @@
     full disk    real tmpfs mounts (size=...) for checkpoints, metrics.jsonl, TensorBoard events, the data
                  cache, stopped.json, config.yaml and the lock: one line, no partial file, `latest` kept
     resume       another model shape is refused naming each key and both values; train.steps below the
-                 checkpoint's step is an error
+                 checkpoint's step is an error; other changes of how the run trains are allowed and named
     validation   non-finite numbers, seeds, memory that does not exist, a missing device, DeepSpeed JSON
                  that is not an object, non-UTF-8 files, YAML errors, duplicate keys, empty prompts, 0
                  documents, .idx pointers past the .bin; a checkpoint with non-finite weights is never saved
@@ -238,6 +238,16 @@ if plan["mounted"]:
     (tmp / "mnt-cosel" / "metrics.jsonl").symlink_to(tmp / "cosel-elsewhere" / "metrics.jsonl")
 shutil.copytree(tmp / "good", tmp / "overwrite")
 run("overwrite", ["--overwrite", "--set", "train.steps=1"])
+# a resume that changes how the run trains (the --set a tired user adds or leaves off), and one that changes
+# only its length and layout
+shutil.copytree(tmp / "good", tmp / "resume-changed")
+run("resume-changed", ["--resume", "auto", "--set", "train.steps=3", "--set", "train.dtype=bf16",
+                       "--set", "moe.top_k=1", "--set", "optim.lr=0.01", "--set", "moe.dispatch=dedup",
+                       "--set", "moe.router_score=sigmoid", "--set", "moe.expert_bias_rate=0.001",
+                       "--set", "moe.routing_groups=2", "--set", "moe.capacity_factor=1.0",
+                       "--set", "moe.aux_loss_type=global"])
+shutil.copytree(tmp / "good", tmp / "resume-longer")
+run("resume-longer", ["--resume", "auto", "--set", "train.steps=3", "--set", "moe.dispatch=dedup"])
 for name, argv, env, command in plan["cases"]:
     if name.startswith("disk-full") and not plan["mounted"]:
         continue
@@ -520,6 +530,23 @@ def test_second_run_on_a_locked_run_dir_is_refused_naming_the_holder(tmp_path):
     # A killed run leaves its record (the kernel dropped the lock): the next run reports and takes it over,
     # as the good run of `results` does with a record naming a pid that is gone.
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == holder.pid
+
+
+def test_a_resume_names_each_setting_it_changes_from_the_checkpoint(results):
+    """Allowed (a new dtype on another machine is a real need), but said: config.yaml names only the new values."""
+    tmp, out, _ = results
+    rec = out["resume-changed"]
+    assert rec["code"] == 0, rec["stderr"][-3000:]
+    lines = [line for line in rec["stdout"].splitlines() if "settings other than its checkpoint's" in line]
+    assert len(lines) == 1, rec["stdout"]
+    for said in ("moe.top_k=1 (checkpoint: 2)", "optim.lr=0.01 (checkpoint: ", "train.dtype=bf16 (checkpoint: fp32)",
+                 "moe.router_score=sigmoid (checkpoint: softmax)", "moe.routing_groups=2 (checkpoint: 1)",
+                 "moe.expert_bias_rate=0.001 (checkpoint: 0.0)", "moe.capacity_factor=1.0 (checkpoint: None)"):
+        assert said in lines[0], (said, lines[0])
+    assert "train.steps" not in lines[0] and "moe.dispatch" not in lines[0]  # length and layout: not a change
+    assert "step_3" in {Path(f).name for f in rec["files"]}
+    longer = out["resume-longer"]
+    assert longer["code"] == 0 and "settings other than" not in longer["stdout"], longer["stdout"]
 
 
 def test_overwrite_replaces_the_earlier_run(results):

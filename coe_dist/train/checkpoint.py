@@ -355,6 +355,28 @@ def check_model_shape(cfg: RunConfig, meta: dict[str, Any], path: Path) -> None:
                           "checkpoint's values, or start a new run in another log.run_dir")
 
 
+# Keys that change how a run trains or computes but not the layout of its weights: a resume may change them
+# (extending train.steps, a new dtype on another machine), but the run's config.yaml then no longer says what
+# its earlier steps trained with, so the trainer names each one changed. Layout and speed keys are left out.
+RUNTIME_TRAIN_KEYS = ("steps", "micro_batch_size", "grad_accum", "device", "init_from", "nan_policy",
+                      "max_consecutive_nan")
+
+
+def changed_settings(cfg: RunConfig, meta: dict[str, Any]) -> list[str]:
+    """`section.key=new (checkpoint: old)` for each model, moe, optim or train setting the resumed run changes;
+    "auto" values and the runtime keys (RUNTIME_MOE_KEYS, RUNTIME_TRAIN_KEYS) are not counted."""
+    saved = meta.get("config") or {}
+    now = json.loads(json.dumps(cfg.to_dict()))
+    skip = {"moe": RUNTIME_MOE_KEYS, "train": RUNTIME_TRAIN_KEYS}
+    out = []
+    for section in ("model", "moe", "optim", "train"):
+        for key, value in now[section].items():
+            was = saved.get(section, {}).get(key, value)
+            if key not in skip.get(section, ()) and value != "auto" and was != value:
+                out.append(f"{section}.{key}={value} (checkpoint: {was})")
+    return out
+
+
 # ------------------------------------------------------------------ placement
 # Experts are stored by slot (slot s: rank s // (N/P)); meta["placement"][layer] names the original expert in each
 # slot (absent: in order). A model with another placement takes each slot's expert, its router rows and their

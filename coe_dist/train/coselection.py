@@ -57,6 +57,8 @@ class CoSelection:
             for key in (k for k in rec if k.endswith("/sample")):
                 new = rec[key].to(torch.int32).cpu()
                 old = self.totals.get(f"{name}/{key}", new[:0])
+                if old.shape[1:] != new.shape[1:]:  # a resume changed moe.top_k: the older choices have another K
+                    old = new[:0]
                 self.totals[f"{name}/{key}"] = torch.cat([old, new])[-SAMPLE_STEPS * len(new):]
 
     def save(self) -> None:

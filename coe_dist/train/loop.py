@@ -135,7 +135,10 @@ def train(cfg: RunConfig, penv: ProcessEnv | None = None, *, resume: str | None 
     run_dir = Path(cfg.log.run_dir)
     rundir.check_run_dir(run_dir)
     restarted = faults.restart_count() > 0
-    rundir.preflight(cfg, resume, overwrite, restarted)
+    changed = rundir.preflight(cfg, resume, overwrite, restarted)
+    if changed:
+        say(penv, f"coe-dist: resuming with settings other than its checkpoint's: {'; '.join(changed)}. The "
+                  "steps from here train with these, and the run's config.yaml will name only these")
     device = pick_device(cfg.train.device, penv.local_rank)
     cfg = with_dtype_for(cfg, device)
     memory.check_fits(cfg, penv, device)

@@ -58,13 +58,14 @@ def check_resume_arg(resume: str | None, overwrite: bool) -> None:
                           "checkpoints; drop one of the two")
 
 
-def preflight(cfg: RunConfig, resume: str | None, overwrite: bool, restarted: bool) -> None:
-    """Refuse a start that would mix two runs or resume into another model; ConfigError (exit 2)."""
+def preflight(cfg: RunConfig, resume: str | None, overwrite: bool, restarted: bool) -> list[str]:
+    """Refuse a start that would mix two runs or resume into another model; ConfigError (exit 2). Returns the
+    settings a resume changes from its checkpoint's (`checkpoint.changed_settings`), for rank 0 to name."""
     check_resume_arg(resume, overwrite)
     run_dir = Path(cfg.log.run_dir)
     root = run_dir / "checkpoints"
     if restarted:  # a restarted job always continues its own checkpoints
-        return
+        return []
     if resume in (None, "none"):
         newest = newest_checkpoint(root)
         if newest is not None and not overwrite:
@@ -72,11 +73,13 @@ def preflight(cfg: RunConfig, resume: str | None, overwrite: bool, restarted: bo
                 f"log.run_dir={str(run_dir)!r} already holds checkpoints of a run (newest: {newest}): continue it "
                 "with --resume auto, start elsewhere with --set log.run_dir=NEW_DIR, or delete them and start "
                 "afresh with --overwrite")
-        return
+        return []
     path = newest_checkpoint(root) if resume == "auto" else Path(resume)
     meta = _read_meta(path) if path is not None else None
-    if meta is not None:  # unreadable or missing: the loop says so when it loads it
-        check_against_checkpoint(cfg, meta, path)
+    if meta is None:  # unreadable or missing: the loop says so when it loads it
+        return []
+    check_against_checkpoint(cfg, meta, path)
+    return checkpoint.changed_settings(cfg, meta)
 
 
 def newest_checkpoint(root: Path) -> Path | None:
