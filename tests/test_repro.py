@@ -277,6 +277,7 @@ def test_no_mean_or_paired_difference_mixes_machines(tmp_path):
     assert "| -0.1500 ± 0.0500 (2 paired) |" in fp32
     assert text.count("CoE-2(4/64) beats MoE(8/64)") == 1  # no pair on the other machines
     assert text.count("| paper's claim |") == 1  # nor an empty verdict table
+    assert text.count("| A | B | paired") == 1  # nor an empty table of pairs
     with pytest.raises(ValueError, match="a row holds the runs of one machine"):
         repro.result_of("coe-2-4of64", [rec("coe-2-4of64", 1, 2.0, epyc, "fp32"),
                                         rec("coe-2-4of64", 2, 9.0, xeon, "bf16")])
