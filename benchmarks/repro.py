@@ -133,31 +133,20 @@ def run_overrides(name: str, seed: int, steps: int, data: dict[str, Path], vocab
             "log.keep_last=1", *config_and_overrides(name)[1], *extra]
 
 
-# What a run computes: a run directory trained with other values in these sections is another experiment.
-FUNCTION_SECTIONS = ("model", "moe", "optim", "train")
-
-
 def settings_mismatch(run_dir: Path, name: str, overrides: list[str]) -> list[str]:
-    """`key: trained X, asked Y` for each setting of FUNCTION_SECTIONS in which the run already in run_dir
-    (its config.yaml) differs from what this call would train; [] for a new directory. Without this check a
-    finished run is skipped, and an interrupted one resumed, whatever --set asks (a bf16 run standing in for
-    the fp32 one asked for)."""
+    """`key: trained X, asked Y` for each model, moe, optim or train setting in which the run already in run_dir
+    (its config.yaml) differs from what this call would train, train.steps and layout keys included (another
+    experiment); [] for a new directory. Without this check a finished run is skipped, and an interrupted one
+    resumed, whatever --set asks (a bf16 run standing in for the fp32 one asked for)."""
     from coe_dist.config import load_config
+    from coe_dist.train.checkpoint import ABSENT, setting_changes
 
     saved_at = run_dir / "config.yaml"
     if not saved_at.is_file():
         return []
-    saved = yaml.safe_load(saved_at.read_text()) or {}
-    asked = json.loads(json.dumps(load_config(config_and_overrides(name)[0], overrides).to_dict()))
-    out = []
-    for section in FUNCTION_SECTIONS:
-        for key, want in asked[section].items():
-            have = saved.get(section, {}).get(key)
-            if key == "init_from" or want == "auto":  # a path of this machine; resolved per device when trained
-                continue
-            if have != want:
-                out.append(f"{section}.{key}: trained {have}, asked {want}")
-    return out
+    asked = load_config(config_and_overrides(name)[0], overrides)
+    changes = setting_changes(asked, yaml.safe_load(saved_at.read_text()) or {}, {"train": ("init_from",)})
+    return [f"{key}: trained {None if was is ABSENT else was}, asked {now}" for key, was, now in changes]
 
 
 def train(name: str, seed: int, steps: int, data: dict[str, Path], vocab: int, tokenizer: Path,
@@ -571,9 +560,13 @@ def main() -> int:
     runs, seeds = Path(args.runs).resolve(), [int(s) for s in args.seeds.split(",")]
     planned = [(n, s, args.continue_steps if n in CONTINUATIONS else args.steps) for n in names for s in seeds] + \
         [(CONTINUATIONS[n][0], s, args.steps) for n in names if n in CONTINUATIONS for s in seeds]  # their sources
-    clashes = [f"  {runs / f'{n}-seed{s}'}: " + "; ".join(bad) for n, s, steps in planned
-               if (bad := settings_mismatch(runs / f"{n}-seed{s}", n, run_overrides(
-                   n, s, steps, data, vocab, tokenizer, runs / f"{n}-seed{s}", tuple(args.overrides))))]
+    clashes = []
+    for n, s, steps in planned:
+        run_dir = runs / f"{n}-seed{s}"
+        bad = settings_mismatch(run_dir, n, run_overrides(n, s, steps, data, vocab, tokenizer, run_dir,
+                                                          tuple(args.overrides)))
+        if bad:
+            clashes.append(f"  {run_dir}: " + "; ".join(bad))
     if clashes:
         print("repro: these run directories hold runs trained with other settings than asked, and would be "
               "skipped or resumed as if they were the runs asked for:\n" + "\n".join(clashes) +

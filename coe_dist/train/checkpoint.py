@@ -362,19 +362,29 @@ RUNTIME_TRAIN_KEYS = ("steps", "micro_batch_size", "grad_accum", "device", "init
                       "max_consecutive_nan")
 
 
-def changed_settings(cfg: RunConfig, meta: dict[str, Any]) -> list[str]:
-    """`section.key=new (checkpoint: old)` for each model, moe, optim or train setting the resumed run changes;
-    "auto" values and the runtime keys (RUNTIME_MOE_KEYS, RUNTIME_TRAIN_KEYS) are not counted."""
-    saved = meta.get("config") or {}
-    now = json.loads(json.dumps(cfg.to_dict()))
-    skip = {"moe": RUNTIME_MOE_KEYS, "train": RUNTIME_TRAIN_KEYS}
+ABSENT = object()  # a key a saved config lacks (written before the key existed)
+
+
+def setting_changes(cfg: RunConfig, saved: dict[str, Any], skip: dict[str, tuple[str, ...]]
+                    ) -> list[tuple[str, Any, Any]]:
+    """(section.key, saved value or ABSENT, cfg's value) for each model, moe, optim or train setting of cfg that
+    differs from `saved` (a config as `RunConfig.to_dict` writes it); "auto" values and the keys of `skip`
+    (section -> keys) are not compared."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as saved
     out = []
     for section in ("model", "moe", "optim", "train"):
         for key, value in now[section].items():
-            was = saved.get(section, {}).get(key, value)
+            was = saved.get(section, {}).get(key, ABSENT)
             if key not in skip.get(section, ()) and value != "auto" and was != value:
-                out.append(f"{section}.{key}={value} (checkpoint: {was})")
+                out.append((f"{section}.{key}", was, value))
     return out
+
+
+def changed_settings(cfg: RunConfig, meta: dict[str, Any]) -> list[str]:
+    """`section.key=new (checkpoint: old)` for each setting the resumed run changes from its checkpoint's; the
+    runtime keys (RUNTIME_MOE_KEYS, RUNTIME_TRAIN_KEYS) and keys the checkpoint predates are not counted."""
+    changes = setting_changes(cfg, meta.get("config") or {}, {"moe": RUNTIME_MOE_KEYS, "train": RUNTIME_TRAIN_KEYS})
+    return [f"{key}={now} (checkpoint: {was})" for key, was, now in changes if was is not ABSENT]
 
 
 # ------------------------------------------------------------------ placement
